@@ -1,0 +1,58 @@
+# Two commands: `make demo` and `make test`. Both set everything up from nothing first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The venv is stamped with the hash of what it was built from: re-running never reinstalls.
+REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+ASSETS_STAMP := $(VENV)/.visdom-assets
+PIP_QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
+
+.PHONY: setup demo test test-fast browser bench clean
+.DEFAULT_GOAL := demo
+
+setup: $(STAMP) $(ASSETS_STAMP)
+
+$(STAMP):
+	rm -f $(VENV)/.installed-*
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# visdom 0.2.4 is an sdist whose setup.py imports pkg_resources (gone in setuptools 82).
+	$(BIN)/pip install -q "setuptools>=77.0.3,<82" wheel $(PIP_QUIET)
+	$(BIN)/pip install -q --no-build-isolation -r requirements.txt $(PIP_QUIET)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e . $(PIP_QUIET)
+	touch $@
+
+# Visdom's JS/CSS/fonts, installed once from the npm registry so its server works offline.
+$(ASSETS_STAMP): $(STAMP)
+	$(BIN)/runner dashboards install-assets
+	touch $@
+
+# Headless Chromium for the browser tests (Debian package; never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+demo: setup
+	$(BIN)/runner dashboards up
+	$(BIN)/runner train --model tinyunet --data synthetic --steps 200 --batch-size 8 \
+	  --image-size 64 --viz both --images-every 50 --hist-every 50 --name demo --resume never
+	@echo
+	@echo "TensorBoard:  http://127.0.0.1:6006   (or: $(BIN)/tensorboard --logdir runs)"
+	@echo "Visdom:       http://127.0.0.1:8097   (env: demo)"
+	@echo "Stop both:    $(BIN)/runner dashboards down"
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+# The suite without the slow end-to-end cases (servers, torchrun, browsers).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python scripts/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Dashboard backends: one sink per backend (TensorBoard, Visdom), their layouts, and their servers."""

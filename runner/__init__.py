@@ -1,0 +1,3 @@
+"""runner: an observability-first PyTorch training runner."""
+
+__version__ = "0.1.0"

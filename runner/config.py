@@ -1,0 +1,263 @@
+"""The run's configuration: one dataclass, its validation, and TOML in and out.
+
+Imports nothing heavy: `runner --help` and the supervisor read it without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from runner.errors import usage_error
+
+MODELS = ("mlp", "cnn", "resnet18", "tinyunet", "unet")
+DATA_KINDS = ("synthetic", "imagefolder", "paired", "mnist", "cifar10")
+TASKS = ("auto", "classify", "denoise")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+VIZ = ("none", "tensorboard", "visdom", "both")
+STRATEGIES = ("single", "dp", "ddp")
+ON_NAN = ("stop", "skip")
+ON_OOM = ("stop", "retry")
+START_METHODS = ("default", "fork", "spawn", "forkserver")
+DENOISE_MODELS = ("tinyunet", "unet")
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; flags override a TOML file, which overrides these defaults."""
+
+    # workload
+    model: str = "tinyunet"
+    data: str = "synthetic"
+    task: str = "auto"
+    image_size: int = 64
+    channels: int = 3
+    num_classes: int = 10
+    samples: int = 512  # size of the synthetic set
+    noise_sigma: float = 0.2
+    download: bool = False
+    weighted_sampling: bool = False
+    # optimisation
+    steps: int = 0  # 0: from --epochs, else 100
+    epochs: int = 0  # used when steps is 0: steps = epochs * batches per epoch
+    batch_size: int | str = 16  # an int, or "auto"
+    max_batch_size: int = 4096
+    memory_budget: str = ""  # e.g. "2GiB"; empty: a share of available RAM (CPU auto batch)
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    amp: bool = False
+    seed: int = 0
+    workers: int = 0
+    worker_start_method: str = "default"
+    device: str = "auto"
+    # distribution
+    strategy: str = "single"
+    gpus: str = ""  # dp: "0,1"; empty = all visible
+    nproc: int = 1
+    nnodes: str = "1"
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    rdzv_id: str = ""
+    max_restarts: int = 0
+    sync_bn: bool = False
+    # observability
+    viz: str = "tensorboard"
+    log_every: int = 10
+    images_every: int = 100
+    hist_every: int = 100
+    memory_every: int = 1
+    system_every: float = 1.0  # seconds between NVML / psutil samples
+    graph: bool = True
+    visdom_url: str = ""  # empty: http://127.0.0.1:<visdom_port>, started for the run if down
+    visdom_port: int = 8097
+    # run bookkeeping
+    run_dir: str = "runs"
+    name: str = ""
+    resume: str = "auto"  # auto | never | PATH
+    checkpoint_every: int = 50
+    on_nan: str = "stop"
+    oom: str = "stop"
+    memory_snapshot: bool = False
+    debug: bool = False
+    progress: bool = True
+
+    @property
+    def run_path(self) -> Path:
+        """The folder of this run: `<run_dir>/<name>`."""
+        return Path(self.run_dir) / self.name
+
+    @property
+    def resolved_task(self) -> str:
+        """`classify` or `denoise`, deciding `auto` from the model and data."""
+        if self.task != "auto":
+            return self.task
+        if self.model in DENOISE_MODELS or self.data.startswith("paired:"):
+            return "denoise"
+        return "classify"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML or flag value into the field's type, or raise a usage error naming the key."""
+    kind = _field_types()[name]
+    default = getattr(TrainConfig(), name)
+    try:
+        if name == "batch_size":
+            if str(value).lower() == "auto":
+                return "auto"
+            return int(value)
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise usage_error(f"{name.replace('_', '-')}: expected {kind}, got {value!r}") from None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a config file; unknown keys and unreadable files are usage errors."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise usage_error(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise usage_error(f"cannot read config file {path}: {exc}") from None
+    raw = raw.get("train", raw)
+    known = _field_types()
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise usage_error(f"unknown key(s) in {path}: {', '.join(unknown)}")
+    return raw
+
+
+def resolve(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the TOML file, then flags (the ones given, i.e. not None); validated."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_toml(Path(config_file)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    if not cfg.name:
+        cfg.name = default_name(cfg)
+    validate(cfg)
+    return cfg
+
+
+def default_name(cfg: TrainConfig) -> str:
+    """`<model>-<data kind>-<time>`; under torchrun the shared run id keeps ranks in agreement."""
+    model = cfg.model.rsplit(":", 1)[-1]
+    data = cfg.data.split(":", 1)[0].rsplit(".", 1)[-1]
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+    return f"{model}-{data}-{stamp}"
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise usage_error(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every check that needs no torch and no disk beyond the run dir's name."""
+    if cfg.model not in MODELS and not IMPORT_PATH.match(cfg.model):
+        raise usage_error(
+            f"unknown model {cfg.model!r}: choose one of {', '.join(MODELS)} "
+            "or give an import path package.module:factory"
+        )
+    kind = cfg.data.split(":", 1)[0]
+    if kind not in DATA_KINDS and not IMPORT_PATH.match(cfg.data):
+        raise usage_error(
+            f"unknown data {cfg.data!r}: choose synthetic, imagefolder:PATH, "
+            "paired:NOISY_DIR,CLEAN_DIR, mnist:ROOT, cifar10:ROOT or package.module:factory"
+        )
+    if kind in ("imagefolder", "paired", "mnist", "cifar10") and ":" not in cfg.data:
+        raise usage_error(f"data {kind} needs a path: --data {kind}:PATH")
+    _choice("task", cfg.task, TASKS)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("device", cfg.device, DEVICES)
+    _choice("viz", cfg.viz, VIZ)
+    _choice("strategy", cfg.strategy, STRATEGIES)
+    _choice("on-nan", cfg.on_nan, ON_NAN)
+    _choice("oom", cfg.oom, ON_OOM)
+    _choice("worker-start-method", cfg.worker_start_method, START_METHODS)
+    if cfg.batch_size != "auto" and int(cfg.batch_size) < 1:
+        raise usage_error(f"batch-size must be at least 1 (or auto), got {cfg.batch_size}")
+    positive = ("image_size", "channels", "num_classes", "samples", "log_every", "images_every",
+                "hist_every", "memory_every", "checkpoint_every", "nproc", "max_batch_size")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise usage_error(f"{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("steps", "epochs", "workers", "max_restarts", "node_rank"):
+        if getattr(cfg, name) < 0:
+            raise usage_error(f"{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise usage_error(f"lr must be positive, got {cfg.lr}")
+    if cfg.system_every <= 0:
+        raise usage_error(f"system-every must be positive, got {cfg.system_every}")
+    if cfg.model in DENOISE_MODELS and cfg.image_size % 8:
+        raise usage_error(f"{cfg.model} halves the image 3 times: image-size must be a multiple of 8, "
+                          f"got {cfg.image_size}")
+    if "/" in cfg.name or cfg.name in (".", ".."):
+        raise usage_error(f"name must be a plain folder name, got {cfg.name!r}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def dumps(cfg: TrainConfig) -> str:
+    """The resolved configuration as TOML (flat `[train]` table), loadable with `--config`."""
+    lines = ["# Resolved configuration of this run; reuse it with: runner train --config FILE", "[train]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in cfg.to_dict().items()]
+    return "\n".join(lines) + "\n"
+
+
+def save(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved configuration atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(dumps(cfg))
+    os.replace(tmp, path)
+
+
+def parse_bytes(text: str) -> int:
+    """`2GiB`, `512MiB`, `1.5G`, `1000000` → bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise usage_error(f"cannot read a size from {text!r}: use e.g. 2GiB or 512MiB")
+    number, unit, suffix = match.groups()
+    base = 1024 if suffix.lower().startswith("i") or not suffix else 1000
+    power = " KMGT".index(unit.upper() or " ")
+    return int(float(number) * base**power)
+
+

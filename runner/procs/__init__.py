@@ -1,0 +1,1 @@
+"""Process hygiene: signals, the run registry, the supervisor, cleanup. Never imports torch."""

@@ -1,0 +1,82 @@
+"""What a workload means: its loss, its metric, and which images make a useful grid.
+
+Metrics are returned as *sums over the batch* on the device, so the loop can accumulate them
+without a host sync and divide once per log point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _primary(output: torch.Tensor | dict | tuple | list) -> torch.Tensor:
+    """The prediction tensor of a model that returns a dict or tuple (its first entry / 'out')."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return output["out"] if "out" in output else next(iter(output.values()))
+    return output[0]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Images for a grid: rows of (N, C, H, W) tensors in display range [0, 1], and a caption."""
+
+    rows: list[torch.Tensor]
+    caption: str
+
+
+class ClassifyTask:
+    """Cross-entropy loss, accuracy metric; grid of inputs captioned with predicted/true labels."""
+
+    name = "classify"
+    metric_name = "accuracy"
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(_primary(output).float(), target)
+
+    def metric_sum(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (_primary(output).argmax(dim=1) == target).sum().float()
+
+    def grid(self, inputs: torch.Tensor, output: torch.Tensor, target: torch.Tensor, n: int = 8) -> Grid:
+        pred = _primary(output)[:n].argmax(dim=1).tolist()
+        true = target[:n].tolist()
+        caption = "pred/true: " + " ".join(f"{p}/{t}" for p, t in zip(pred, true))
+        return Grid([_display(inputs[:n])], caption)
+
+
+class DenoiseTask:
+    """MSE loss against the clean image, PSNR in dB (images in [0, 1]); grid noisy | output | clean."""
+
+    name = "denoise"
+    metric_name = "psnr"
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(_primary(output).float(), target.float())
+
+    def metric_sum(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pred = _primary(output).detach().float().clamp(0, 1)
+        mse = (pred - target.float()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
+        return (-10.0 / math.log(10.0) * torch.log(mse)).sum()
+
+    def grid(self, inputs: torch.Tensor, output: torch.Tensor, target: torch.Tensor, n: int = 8) -> Grid:
+        rows = [_display(inputs[:n]), _display(_primary(output)[:n]), _display(target[:n])]
+        return Grid(rows, "rows: noisy | output | clean")
+
+
+def _display(images: torch.Tensor) -> torch.Tensor:
+    """Detach and bring images into [0, 1] for display: clamp if already there, else min-max."""
+    images = images.detach().float()
+    lo, hi = images.amin(), images.amax()
+    scaled = (images - lo) / (hi - lo).clamp_min(1e-8)
+    in_range = (lo >= 0) & (hi <= 1)
+    return torch.where(in_range, images, scaled)
+
+
+def make_task(name: str) -> ClassifyTask | DenoiseTask:
+    """The task object for a resolved task name (`classify` or `denoise`)."""
+    return DenoiseTask() if name == "denoise" else ClassifyTask()

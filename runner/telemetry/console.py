@@ -1,0 +1,55 @@
+"""The console sink: a progress bar on a terminal, one line per log point otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+from runner.telemetry.events import Event, Scalar, Text
+
+_SHOWN = {"train/loss": "loss {:.4f}", "train/accuracy": "acc {:.3f}", "train/psnr": "psnr {:.2f} dB",
+          "train/samples_per_s": "{:.0f} samples/s"}
+
+
+class ConsoleSink:
+    """Shows progress and the latest loss/metric; status texts are printed as they come."""
+
+    def __init__(self, total_steps: int, run_name: str, live: bool | None = None) -> None:
+        self.total, self.name = total_steps, run_name
+        self.live = sys.stderr.isatty() if live is None else live
+        self.latest: dict[str, float] = {}
+        self.step = 0
+        self._progress = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), transient=False)
+            self._task = self._progress.add_task(run_name, total=total_steps, stats="")
+            self._progress.start()
+
+    def _stats(self) -> str:
+        return "  ".join(fmt.format(self.latest[tag]) for tag, fmt in _SHOWN.items() if tag in self.latest)
+
+    def write(self, event: Event) -> None:
+        self.step = max(self.step, event.step)
+        if isinstance(event, Scalar) and event.tag in _SHOWN:
+            self.latest[event.tag] = float(event.value)
+            if event.tag == "train/loss" and not self.live:
+                print(f"[{self.name}] step {event.step}/{self.total}  {self._stats()}", file=sys.stderr, flush=True)
+        elif isinstance(event, Text) and event.tag == "status":
+            self._print(f"[{self.name}] {event.text}")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.step, stats=self._stats())
+
+    def _print(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

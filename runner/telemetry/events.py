@@ -1,0 +1,136 @@
+"""Typed events: what the trainer observed, at which step, on which rank.
+
+No torch import: sinks and tests use these without the trainer. Arrays are numpy arrays, or a
+`HostCopy` still in flight from the device that a sink resolves with `as_array` on its own thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class HostCopy:
+    """A device→host copy started with non_blocking=True; `get()` waits for it (sink thread only)."""
+
+    __slots__ = ("_tensor", "_done", "_array")
+
+    def __init__(self, tensor: Any, done: Any = None) -> None:
+        self._tensor, self._done = tensor, done  # done: a torch.cuda.Event recorded after the copy
+        self._array: np.ndarray | None = None
+
+    def get(self) -> np.ndarray:
+        if self._array is None:
+            if self._done is not None:
+                self._done.synchronize()
+            self._array = self._tensor.numpy()
+        return self._array
+
+
+class HostValue:
+    """One number inside a HostCopy; `float()` resolves it (on the sink thread)."""
+
+    __slots__ = ("_copy", "_index")
+
+    def __init__(self, copy: HostCopy, index: int) -> None:
+        self._copy, self._index = copy, index
+
+    def __float__(self) -> float:
+        return float(self._copy.get().reshape(-1)[self._index])
+
+
+def as_array(value: np.ndarray | HostCopy) -> np.ndarray:
+    """The numpy array behind an event field, waiting for an in-flight copy if needed."""
+    return value.get() if isinstance(value, HostCopy) else np.asarray(value)
+
+
+@dataclass(kw_only=True, slots=True)
+class Event:
+    tag: str
+    step: int
+    rank: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class Scalar(Event):
+    """A number; sinks read it with `float(event.value)` (it may be a HostValue still in flight)."""
+
+    value: float | HostValue
+
+
+@dataclass(kw_only=True, slots=True)
+class ImageGrid(Event):
+    """A (C, H, W) float image in [0, 1] (numpy or in-flight copy) and its caption."""
+
+    image: np.ndarray | HostCopy
+    caption: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Histogram(Event):
+    """Fixed-bin histogram computed on the device.
+
+    `data` row: [min, max, count, sum, sum of squares, bin_0 … bin_{B-1}] (bins evenly split [min, max]).
+    `row` picks the row when several histograms share one stacked copy.
+    """
+
+    data: np.ndarray | HostCopy
+    row: int = 0
+
+    def unpack(self) -> tuple[float, float, float, float, float, np.ndarray]:
+        values = as_array(self.data)
+        values = values[self.row] if values.ndim == 2 else values
+        lo, hi, num, total, squares = (float(v) for v in values[:5])
+        return lo, hi, num, total, squares, values[5:]
+
+
+@dataclass(kw_only=True, slots=True)
+class GraphNode:
+    name: str
+    op: str
+    inputs: list[str] = field(default_factory=list)
+    shape: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Graph(Event):
+    """The traced model: a TensorBoard GraphDef (None when tracing failed), nodes for drawing,
+    and the layer table (name, type, output shape, parameters) as text."""
+
+    graph_def: Any
+    nodes: list[GraphNode]
+    layer_table: str
+    error: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class MemorySample(Event):
+    """Memory and system readings in bytes / percent / watts / °C, keyed by short names."""
+
+    values: dict[str, float]
+
+
+@dataclass(kw_only=True, slots=True)
+class Text(Event):
+    text: str
+
+
+@dataclass(kw_only=True, slots=True)
+class HParams(Event):
+    hparams: dict[str, Any]
+    metrics: dict[str, float]
+
+
+ESSENTIAL = (Scalar, MemorySample, Text, Graph, HParams)  # never dropped by the hub
+
+
+class Sink(Protocol):
+    """A backend: gets every event on its own thread; never sees the trainer."""
+
+    def write(self, event: Event) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...

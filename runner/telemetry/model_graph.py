@@ -1,0 +1,88 @@
+"""The model's picture: a traced graph for TensorBoard (and drawable nodes), plus a layer table.
+
+Tracing happens once, before the first step. If it fails (data-dependent control flow, exotic
+outputs), the event carries the error and the layer table instead, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from runner.telemetry.events import Graph, GraphNode
+
+log = logging.getLogger("runner.telemetry")
+
+
+def _shape_of(output: Any) -> str:
+    if isinstance(output, torch.Tensor):
+        return "×".join(str(d) for d in output.shape)
+    if isinstance(output, dict):
+        return "{" + ", ".join(f"{k}: {_shape_of(v)}" for k, v in output.items()) + "}"
+    if isinstance(output, (list, tuple)):
+        return "(" + ", ".join(_shape_of(v) for v in output) + ")"
+    return type(output).__name__
+
+
+def layer_table(model: nn.Module, example: torch.Tensor) -> str:
+    """The torchsummary view: leaf layers with type, output shape and parameter count (markdown)."""
+    shapes: dict[str, str] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            hooks.append(module.register_forward_hook(
+                lambda _m, _i, out, name=name: shapes.__setitem__(name, _shape_of(out))))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = ["| layer | type | output shape | parameters |", "|---|---|---|---|"]
+    for name, module in model.named_modules():
+        if name in shapes:
+            count = sum(p.numel() for p in module.parameters(recurse=False))
+            rows.append(f"| {name} | {type(module).__name__} | {shapes[name]} | {count:,} |")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows.append(f"| **total** | | | {total:,} ({trainable:,} trainable) |")
+    return "\n".join(rows)
+
+
+def _nodes(graph_def: Any) -> list[GraphNode]:
+    nodes = []
+    for node in graph_def.node:
+        shape = ""
+        if "_output_shapes" in node.attr:
+            dims = node.attr["_output_shapes"].list.shape
+            if dims:
+                shape = "×".join(str(d.size) for d in dims[0].dim)
+        nodes.append(GraphNode(name=node.name, op=node.op, inputs=list(node.input), shape=shape))
+    return nodes
+
+
+def trace_graph(model: nn.Module, example: torch.Tensor, step: int = 0, rank: int = 0) -> Graph:
+    """Trace the (unwrapped) model on an example batch; never raises for a model that runs."""
+    from torch.utils.tensorboard._pytorch_graph import graph as build_graph
+
+    was_training = model.training
+    model.eval()  # BatchNorm with a tiny batch; the structure is the same
+    try:
+        table = layer_table(model, example)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.trace deprecation, tracer warnings
+                graph_def, _ = build_graph(model, (example,), verbose=False, use_strict_trace=False)
+            return Graph(tag="model", step=step, rank=rank, graph_def=graph_def, nodes=_nodes(graph_def),
+                         layer_table=table)
+        except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; the run must not
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            log.warning("model graph: tracing failed (%s); logging the layer table instead", reason)
+            return Graph(tag="model", step=step, rank=rank, graph_def=None, nodes=[], layer_table=table,
+                         error=reason)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,23 @@
+"""Which sinks a run gets: the console always, TensorBoard and/or Visdom as --viz says."""
+
+from __future__ import annotations
+
+from runner.config import TrainConfig
+from runner.telemetry.console import ConsoleSink
+from runner.telemetry.events import Sink
+
+
+def build_sinks(cfg: TrainConfig, total_steps: int) -> list[Sink]:
+    """The writer rank's sinks (other ranks get none: the hub then drops nothing and writes nothing)."""
+    sinks: list[Sink] = []
+    if cfg.progress:
+        sinks.append(ConsoleSink(total_steps, cfg.name))
+    if cfg.viz in ("tensorboard", "both"):
+        from dashboards.tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(cfg.run_path))
+    if cfg.viz in ("visdom", "both"):
+        from dashboards.visdom import VisdomSink
+
+        sinks.append(VisdomSink.for_run(cfg))
+    return sinks

@@ -1,0 +1,1 @@
+"""Training: the loop, the strategies (single/dp/ddp), checkpoints, and the per-process entry point."""

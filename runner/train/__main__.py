@@ -1,0 +1,15 @@
+"""The per-process training entry point: `python -m runner.train [runner train flags]`.
+
+This is what the supervisor starts, and what torchrun runs on every rank:
+`torchrun --nproc_per_node=N -m runner.train --model cnn ...` works for users who launch
+torchrun themselves (cluster scripts, `srun torchrun ...`).
+"""
+
+import os
+import sys
+
+os.environ["RUNNER_IN_PROCESS"] = "1"
+
+from runner.cli import app  # noqa: E402
+
+app(args=["train", *sys.argv[1:]], prog_name="python -m runner.train")

@@ -1,0 +1,40 @@
+"""One training process: strategy, trainer, hub and sinks, and the teardown on every exit path."""
+
+from __future__ import annotations
+
+import logging
+
+from runner.config import TrainConfig
+from runner.procs.signals import GracefulStop
+from runner.telemetry.events import Text
+from runner.telemetry.hub import Hub
+
+log = logging.getLogger("runner")
+
+
+def run_training(cfg: TrainConfig) -> int:
+    """Train in this process (a single/dp run, or one torchrun rank). Returns the exit code."""
+    from runner.telemetry.sinks import build_sinks
+    from runner.train.loop import Trainer
+    from runner.train.strategy import make_strategy
+
+    stop = GracefulStop().install()
+    strategy = make_strategy(cfg)
+    hub = Hub([])
+    trainer = None
+    try:
+        trainer = Trainer(cfg, strategy, should_stop=stop.reason)
+        if strategy.is_writer:
+            hub = Hub(build_sinks(cfg, trainer.total_steps))
+        return trainer.fit(hub)
+    except BaseException as exc:
+        if hub.active:
+            hub.emit(Text(tag="status", step=trainer.step if trainer else 0, rank=strategy.rank,
+                          text=f"failed: {exc}" if str(exc) else f"failed: {type(exc).__name__}"))
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if not hub.close(timeout=30.0):
+            log.warning("some dashboard events were not delivered before exit")
+        strategy.close()
