@@ -7,17 +7,20 @@ from runner.telemetry.console import ConsoleSink
 from runner.telemetry.events import Sink
 
 
-def build_sinks(cfg: TrainConfig, total_steps: int) -> list[Sink]:
-    """The writer rank's sinks (other ranks get none: the hub then drops nothing and writes nothing)."""
+def build_sinks(cfg: TrainConfig, total_steps: int, start_step: int = 0) -> list[Sink]:
+    """The writer rank's sinks (other ranks get none: the hub then drops nothing and writes nothing).
+
+    `start_step` > 0 on resume: sinks drop what an earlier attempt logged after that step.
+    """
     sinks: list[Sink] = []
     if cfg.progress:
         sinks.append(ConsoleSink(total_steps, cfg.name))
     if cfg.viz in ("tensorboard", "both"):
         from dashboards.tensorboard import TensorBoardSink
 
-        sinks.append(TensorBoardSink(cfg.run_path))
+        sinks.append(TensorBoardSink(cfg.run_path, purge_step=start_step or None))
     if cfg.viz in ("visdom", "both"):
         from dashboards.visdom import VisdomSink
 
-        sinks.append(VisdomSink.for_run(cfg))
+        sinks.append(VisdomSink.for_run(cfg, start_step=start_step))
     return sinks

@@ -107,6 +107,7 @@ class Trainer:
         self.skipped = 0
         self.last_good: dict[str, float] = {}
         self.memory_window: list[tuple[int, dict[str, float]]] = []
+        self.resumed_from: Path | None = None
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class Trainer:
         return Path(self.cfg.resume)
 
     def resume(self) -> None:
+        """Load model, optimizer, scaler, step and RNG from --resume (auto: this run's last.pt)."""
         path = self._resume_path()
         if path is None:
             return
@@ -163,7 +165,7 @@ class Trainer:
         self.skipped = int(state.get("skipped", 0))
         if "rng" in state:
             torch.set_rng_state(state["rng"])
-        self.hub.emit(Text(tag="status", step=self.step, rank=self.rank, text=f"resumed from {path} at step {self.step}"))
+        self.resumed_from = path
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes last.pt atomically; every rank waits so an immediate load is safe."""
@@ -185,7 +187,6 @@ class Trainer:
     def fit(self, hub: Hub) -> int:
         """Train to `total_steps` (or a stop request), emitting to `hub`; returns the exit code."""
         self.hub = hub
-        self.resume()
         if self.hub.active:
             self._emit_start()
         window = Window.zeros(self.device)
@@ -356,6 +357,9 @@ class Trainer:
     def _emit_start(self) -> None:
         emit = self.hub.emit
         emit(Text(tag="config", step=self.step, rank=self.rank, text=config_io.dumps(self.cfg)))
+        if self.resumed_from is not None:
+            emit(Text(tag="status", step=self.step, rank=self.rank,
+                      text=f"resumed from {self.resumed_from} at step {self.step}"))
         params = sum(p.numel() for p in self.model.parameters())
         emit(Text(tag="status", step=self.step, rank=self.rank,
                   text=(f"training {self.cfg.model} ({params:,} parameters) on {self.device}, "

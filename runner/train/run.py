@@ -24,8 +24,9 @@ def run_training(cfg: TrainConfig) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, strategy, should_stop=stop.reason)
+        trainer.resume()
         if strategy.is_writer:
-            hub = Hub(build_sinks(cfg, trainer.total_steps))
+            hub = Hub(build_sinks(cfg, trainer.total_steps, start_step=trainer.step))
         return trainer.fit(hub)
     except BaseException as exc:
         if hub.active:
