@@ -5,6 +5,7 @@ Flow: CLI → config (resolve + validate) → launch (supervisor → trainer or 
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from typing import Any, Optional
@@ -81,7 +82,7 @@ def train(
     graph: Optional[bool] = typer.Option(None, "--graph/--no-graph", help="Log the model graph once. [default: on]", rich_help_panel=_V),
     visdom_url: Optional[str] = typer.Option(None, help="Visdom server (default: local, started if down).", rich_help_panel=_V),
     visdom_port: Optional[int] = typer.Option(None, help="Port of the local Visdom server. [default: 8097]", rich_help_panel=_V),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar. [default: on]", rich_help_panel=_V),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Live progress bar on a terminal (else a line per log point). [default: on]", rich_help_panel=_V),
     run_dir: Optional[str] = typer.Option(None, help="Folder of runs. [default: runs]", rich_help_panel=_R),
     name: Optional[str] = typer.Option(None, help="Run name (folder under --run-dir).", rich_help_panel=_R),
     resume: Optional[str] = typer.Option(None, help="auto (continue the run's last.pt if any) | never | PATH.", rich_help_panel=_R),
@@ -100,8 +101,27 @@ def _train(config_file: str | None, overrides: dict[str, Any]) -> int:
     from runner import config as config_module
     from runner.launch import launch
 
+    _log_to_stderr()
+
     cfg = config_module.resolve(config_file, overrides)
     return launch(cfg)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (the CLI's, or a test runner's capture)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    """The runner's INFO messages (`runner: ...`) go to stderr; set up once per process."""
+    logger = logging.getLogger("runner")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("runner: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _run(body: Any, debug: bool) -> None:
@@ -116,9 +136,20 @@ def _run(body: Any, debug: bool) -> None:
     raise typer.Exit(code or 0)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors are one line on stderr, exit code 2."""
+    from typer._click.exceptions import UsageError
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="runner", standalone_mode=False)
+    except UsageError as exc:
+        if not exc.format_message():  # no arguments: the help was shown
+            sys.exit(0)
+        where = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        print(f"runner: error: {exc.format_message()}{where}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

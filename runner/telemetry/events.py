@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+SYSTEM_READINGS = frozenset({"cpu_percent", "workers", "gpu_util", "gpu_power_w", "gpu_temp_c"})  # not bytes
+
 
 class HostCopy:
     """A device→host copy started with non_blocking=True; `get()` waits for it (sink thread only)."""
@@ -107,9 +109,20 @@ class Graph(Event):
 
 @dataclass(kw_only=True, slots=True)
 class MemorySample(Event):
-    """Memory and system readings in bytes / percent / watts / °C, keyed by short names."""
+    """Memory and system readings in bytes / percent / watts / °C, keyed by short names.
+
+    `world_size` > 1 (DDP): every rank's samples reach the writer, one series per rank.
+    """
 
     values: dict[str, float]
+    world_size: int = 1
+
+    def series(self) -> dict[str, float]:
+        """Dashboard names, the same in every sink: `memory/<key>` for bytes, `system/<key>` for the
+        rest (CPU %, GPU utilisation/power/temperature, worker count); `/rank<r>` appended under DDP."""
+        suffix = f"/rank{self.rank}" if self.world_size > 1 else ""
+        return {f"{'system' if key in SYSTEM_READINGS else 'memory'}/{key}{suffix}": value
+                for key, value in self.values.items()}
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,4 +1,5 @@
-"""Which sinks a run gets: the console always, TensorBoard and/or Visdom as --viz says."""
+"""Which sinks a run gets: the console always (a live bar unless --no-progress), TensorBoard and/or
+Visdom as --viz says."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ def build_sinks(cfg: TrainConfig, total_steps: int, start_step: int = 0) -> list
 
     `start_step` > 0 on resume: sinks drop what an earlier attempt logged after that step.
     """
-    sinks: list[Sink] = []
-    if cfg.progress:
-        sinks.append(ConsoleSink(total_steps, cfg.name))
+    sinks: list[Sink] = [ConsoleSink(total_steps, cfg.name, live=None if cfg.progress else False)]
     if cfg.viz in ("tensorboard", "both"):
         from dashboards.tensorboard import TensorBoardSink
 

@@ -10,6 +10,6 @@ import sys
 
 os.environ["RUNNER_IN_PROCESS"] = "1"
 
-from runner.cli import app  # noqa: E402
+from runner.cli import main  # noqa: E402
 
-app(args=["train", *sys.argv[1:]], prog_name="python -m runner.train")
+main(["train", *sys.argv[1:]])

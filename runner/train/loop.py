@@ -274,12 +274,12 @@ class Trainer:
             self.save_checkpoint()
 
     def _observe(self, inputs: torch.Tensor, output: Any, targets: torch.Tensor) -> None:
-        cfg, step = self.cfg, self.step
-        if step % cfg.memory_every == 0:
+        cfg, step, world = self.cfg, self.step, self.strategy.world_size
+        if step % cfg.memory_every == 0 and (self.hub.active or world > 1):
             sample = self.probe.sample()
             if self.hub.active:
-                self.hub.emit(MemorySample(tag="memory", step=step, rank=self.rank, values=sample))
-            if self.strategy.world_size > 1:
+                self.hub.emit(MemorySample(tag="memory", step=step, rank=self.rank, values=sample, world_size=world))
+            if world > 1:
                 self.memory_window.append((step, sample))
         if not self.hub.active:
             return
@@ -344,7 +344,8 @@ class Trainer:
             if rank == self.rank:
                 continue  # rank 0 emitted its own live
             for step, values in samples:
-                self.hub.emit(MemorySample(tag="memory", step=step, rank=rank, values=values))
+                self.hub.emit(MemorySample(tag="memory", step=step, rank=rank, values=values,
+                                               world_size=len(everyone)))
         key = "allocated" if self.device.type == "cuda" else "rss"
         latest = [samples[-1][1][key] for samples in everyone if samples]
         if latest:
