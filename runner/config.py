@@ -28,6 +28,7 @@ ON_OOM = ("stop", "retry")
 START_METHODS = ("default", "fork", "spawn", "forkserver")
 DENOISE_MODELS = ("tinyunet", "unet")
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 @dataclass
@@ -170,10 +171,27 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
 
 
 def default_name(cfg: TrainConfig) -> str:
-    """`<model>-<data kind>-<time>`; under torchrun the shared run id keeps ranks in agreement."""
+    """`<model>-<data kind>-<stamp>`: the time, unless several processes must agree on the name.
+
+    In a torchrun rank the stamp is torchrun's run id (a fresh uuid per launch for one node, the same on
+    every rank and every restart); for a multi-node `runner train`, the --rdzv-id every node is given.
+    """
     model = cfg.model.rsplit(":", 1)[-1]
     data = cfg.data.split(":", 1)[0].rsplit(".", 1)[-1]
-    stamp = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+    if "RANK" in os.environ:  # a rank: every rank, and every restart, must find the same run
+        stamp = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if stamp == "none":  # torchrun's id without --rdzv-id: every launch would share it
+            raise usage_error("torchrun gave this run the id 'none' (no --rdzv-id): pass --name, so that "
+                              "every rank and every restart finds the same run")
+        if UUID.fullmatch(stamp):  # torchrun's own id for one node: 8 hex digits are plenty
+            stamp = stamp[:8]
+    elif cfg.nnodes != "1":
+        if not cfg.rdzv_id:
+            raise usage_error("a multi-node run needs a name every node agrees on: pass --rdzv-id (or --name), "
+                              "the same on every node")
+        stamp = cfg.rdzv_id
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{model}-{data}-{stamp}"
 
 

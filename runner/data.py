@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,36 @@ def build_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, worke
         collate_fn=collate_readable, pin_memory=pin_memory, drop_last=drop_last,
         persistent_workers=workers > 0, multiprocessing_context=context, worker_init_fn=worker_init_fn,
     )
+
+
+def shutdown_loader(loader: DataLoader, grace: float = 1.0) -> None:
+    """Stop the loader's worker processes within about `grace` seconds, also workers blocked in __getitem__.
+
+    torch's own shutdown joins each worker for 5 s, then terminates it (workers ignore SIGTERM under
+    the worker guard). Here: ask every worker to stop, wait `grace` seconds in all, SIGKILL the rest,
+    then let torch release its queues and threads (nothing left to wait for).
+    """
+    iterator = getattr(loader, "_iterator", None)
+    loader._iterator = None
+    workers = getattr(iterator, "_workers", None)
+    if not workers or iterator._shutdown:
+        return
+    from torch.utils.data._utils import signal_handling
+
+    if iterator._worker_pids_set:  # a worker killed below must not raise "exited unexpectedly" here
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    iterator._workers_done_event.set()
+    for index_queue in iterator._index_queues:
+        index_queue.put(None)
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(2.0)
+    iterator._shutdown_workers()
 
 
 def batches_per_epoch(sampler: Sampler[int], batch_size: int) -> int:

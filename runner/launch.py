@@ -35,7 +35,11 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def torchrun_command(cfg: TrainConfig, config_path: Path) -> list[str]:
-    """`python -m torch.distributed.run` with the runner's rank entry point; multi-node flags pass through."""
+    """`python -m torch.distributed.run` with the runner's rank entry point; multi-node flags pass through.
+
+    One node: `--standalone`. Several: c10d rendezvous at --rdzv-endpoint, id --rdzv-id (default: the
+    run name, which every node must share).
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}", f"--nnodes={cfg.nnodes}",
            f"--max-restarts={cfg.max_restarts}"]
     if cfg.rdzv_endpoint:
@@ -46,15 +50,50 @@ def torchrun_command(cfg: TrainConfig, config_path: Path) -> list[str]:
     return cmd + ["-m", "runner.train", "--config", str(config_path)]
 
 
+def _cuda_for(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch  # only for --sync-bn: the supervisor otherwise never loads torch
+
+    return torch.cuda.is_available()
+
+
+def _check_distribution(cfg: TrainConfig) -> None:
+    """Distribution flags that cannot work are usage errors here, before any process starts: torchrun's
+    flags without --strategy ddp (rather than ignored), several nodes without a rendezvous endpoint,
+    --sync-bn without CUDA, --gpus without dp."""
+    if cfg.gpus and cfg.strategy != "dp":
+        raise usage_error(f"--gpus applies to --strategy dp only (this run is --strategy {cfg.strategy}; "
+                          "ddp runs one rank per GPU)")
+    if cfg.strategy == "ddp":
+        if cfg.nnodes != "1" and not cfg.rdzv_endpoint:
+            raise usage_error(f"--nnodes {cfg.nnodes}: the nodes meet at --rdzv-endpoint HOST:PORT (on node 0)")
+        if cfg.sync_bn and not _cuda_for(cfg.device):  # here, before torchrun, rather than once per rank
+            raise usage_error("--sync-bn needs CUDA: SyncBatchNorm layers only work with GPU modules")
+        return
+    given = [flag for flag, used in (("--nproc", cfg.nproc != 1), ("--nnodes", cfg.nnodes != "1"),
+                                     ("--node-rank", cfg.node_rank != 0), ("--rdzv-endpoint", bool(cfg.rdzv_endpoint)),
+                                     ("--rdzv-id", bool(cfg.rdzv_id)), ("--max-restarts", cfg.max_restarts != 0),
+                                     ("--sync-bn", cfg.sync_bn)) if used]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise usage_error(f"{', '.join(given)} {verb} to --strategy ddp only (this run is --strategy {cfg.strategy})")
+
+
 def launch(cfg: TrainConfig) -> int:
     """Run the configured training; returns the exit code of the run."""
-    config_path = prepare_run_dir(cfg)
     if in_process():
+        prepare_run_dir(cfg)
         from runner.train.run import run_training
 
         return run_training(cfg)
+    _check_distribution(cfg)
+    config_path = prepare_run_dir(cfg)
     if cfg.strategy == "ddp":
         cmd = torchrun_command(cfg, config_path)
+        # A fresh rendezvous store per restart: with the shared one, torch ≥ 2.5 hands a restarted group
+        # the old attempt's keys and its init hangs (pytorch#135712; see strategy._attempt_store).
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     else:
         cmd = [sys.executable, "-m", "runner.train", "--config", str(config_path)]
     from runner.procs.supervisor import supervise

@@ -1,13 +1,24 @@
-"""Graceful stop: the first SIGINT/SIGTERM/SIGHUP asks the loop to stop after the current step;
-the second kills the run's process group at once."""
+"""Graceful stop for the trainer: SIGINT, SIGTERM and SIGHUP are handled alike.
+
+The first asks the loop to stop after the current step (it then writes the checkpoint, flushes the
+sinks, shuts the DataLoader down and exits 130/143/129); while the loop waits for a batch (a worker
+may be blocked in `__getitem__` for good) the first signal ends the wait at once. The second kills
+the run's process group at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
-HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopRequested(Exception):
+    """Raised out of a wait marked `interruptible()` by the first stop signal."""
 
 
 class GracefulStop:
@@ -15,9 +26,10 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self._waiting = False
 
     def install(self) -> "GracefulStop":
-        for sig in HANDLED:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)  # re-arms SIGINT even if inherited as ignored (`cmd &`)
         return self
 
@@ -27,14 +39,38 @@ class GracefulStop:
             self.requested = name
             print(f"runner: {name}: stopping after this step (checkpoint, flush); again to kill now",
                   file=sys.stderr, flush=True)
+            if self._waiting:
+                raise StopRequested(name)
             return
         print(f"runner: second {name}: killing the run now", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
-            if os.getpgid(0) == os.getpid():
+            if os.getpgid(0) == os.getpid():  # our own group (supervised trainer, torchrun rank): all of it
                 os.killpg(0, signal.SIGKILL)
         finally:
-            os._exit(128 + signum)
+            os._exit(128 + signum)  # workers without us die by their guard
 
     def reason(self) -> str | None:
         return self.requested
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Mark a wait (for the next batch) that the first stop signal may end with StopRequested."""
+        if self.requested is not None:
+            raise StopRequested(self.requested)
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold stop signals back while DataLoader workers start: they inherit the blocked mask and ignore
+    the signals before unblocking them (worker_guard), so a Ctrl+C never hits a half-started worker.
+    Signals that arrive meanwhile reach this process when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -13,6 +13,8 @@ _SHOWN = {"train/loss": "loss {:.4f}", "train/accuracy": "acc {:.3f}", "train/ps
 class ConsoleSink:
     """Shows progress and the latest loss/metric; status texts are printed as they come."""
 
+    accepts = (Scalar, Text)
+
     def __init__(self, total_steps: int, run_name: str, live: bool | None = None) -> None:
         self.total, self.name = total_steps, run_name
         self.live = sys.stderr.isatty() if live is None else live

@@ -140,7 +140,11 @@ ESSENTIAL = (Scalar, MemorySample, Text, Graph, HParams)  # never dropped by the
 
 
 class Sink(Protocol):
-    """A backend: gets every event on its own thread; never sees the trainer."""
+    """A backend: gets every event on its own thread; never sees the trainer.
+
+    A sink may also set `accepts`, a tuple of the event types it takes (default: every type); the hub
+    then gives it nothing else, and the trainer skips building events no sink takes.
+    """
 
     def write(self, event: Event) -> None: ...
 

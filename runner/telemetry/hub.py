@@ -22,15 +22,19 @@ class _SinkWorker:
 
     def __init__(self, sink: Sink, capacity: int) -> None:
         self.sink, self.capacity = sink, capacity
+        self.accepts: tuple[type[Event], ...] = getattr(sink, "accepts", (Event,))
         self.queue: collections.deque[Event | None] = collections.deque()
         self.heavy_pending = 0
         self.dropped = 0
         self.busy = False
+        self.abandoned = False  # set when close() gave up: deliver nothing more
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._deliver, name=f"sink-{type(sink).__name__}", daemon=True)
         self.thread.start()
 
     def put(self, event: Event) -> None:
+        if not isinstance(event, self.accepts):
+            return
         with self.cond:
             if not isinstance(event, ESSENTIAL):
                 if self.heavy_pending >= self.capacity:
@@ -48,6 +52,8 @@ class _SinkWorker:
             with self.cond:
                 while not self.queue:
                     self.cond.wait()
+                if self.abandoned:
+                    return
                 event = self.queue.popleft()
                 self.busy = True
                 if event is not None and not isinstance(event, ESSENTIAL):
@@ -72,12 +78,23 @@ class _SinkWorker:
                 self.cond.wait(remaining)
         return True
 
-    def stop(self, deadline: float) -> bool:
+    def request_stop(self) -> None:
+        """Deliver what is queued, then end the thread."""
         with self.cond:
             self.queue.append(None)
             self.cond.notify()
+
+    def join(self, deadline: float) -> bool:
+        """Wait for the thread until `deadline`; on timeout, drop the rest so it ends after the current write."""
         self.thread.join(max(0.0, deadline - time.monotonic()))
-        return not self.thread.is_alive()
+        if self.thread.is_alive():
+            with self.cond:
+                self.abandoned = True
+                self.queue.clear()
+                self.queue.append(None)
+                self.cond.notify()
+            return False
+        return True
 
 
 class Hub:
@@ -86,11 +103,19 @@ class Hub:
     def __init__(self, sinks: list[Sink], capacity: int = 1024) -> None:
         self._workers = [_SinkWorker(sink, capacity) for sink in sinks]
         self._closed = False
+        self._wanted: dict[type[Event], bool] = {}
 
     @property
     def active(self) -> bool:
         """False on ranks that write nothing: callers can skip building events at all."""
         return bool(self._workers)
+
+    def wants(self, kind: type[Event]) -> bool:
+        """Whether some sink takes events of `kind`: the trainer builds costly ones (histograms, image
+        grids, the graph) only then. A sink lists what it takes in `accepts` (default: everything)."""
+        if kind not in self._wanted:
+            self._wanted[kind] = any(issubclass(kind, w.accepts) for w in self._workers)
+        return self._wanted[kind]
 
     @property
     def dropped(self) -> int:
@@ -120,8 +145,10 @@ class Hub:
         deadline = time.monotonic() + timeout
         ok = True
         for worker in self._workers:
-            if not worker.stop(deadline):
-                log.warning("%s did not finish within %.0f s; giving up on it", type(worker.sink).__name__, timeout)
+            worker.request_stop()  # all sinks drain in parallel under one deadline
+        for worker in self._workers:
+            if not worker.join(deadline):
+                log.warning("%s did not finish within %g s; giving up on it", type(worker.sink).__name__, timeout)
                 ok = False
                 continue
             try:

@@ -65,24 +65,49 @@ def _nodes(graph_def: Any) -> list[GraphNode]:
     return nodes
 
 
-def trace_graph(model: nn.Module, example: torch.Tensor, step: int = 0, rank: int = 0) -> Graph:
-    """Trace the (unwrapped) model on an example batch; never raises for a model that runs."""
-    from torch.utils.tensorboard._pytorch_graph import graph as build_graph
+def _graph_def(model: nn.Module, example: torch.Tensor) -> Any:
+    """TensorBoard's GraphDef of a trace (as `SummaryWriter.add_graph` builds it, without its second,
+    checking run of the model: half the time)."""
+    from tensorboard.compat.proto.graph_pb2 import GraphDef
+    from tensorboard.compat.proto.versions_pb2 import VersionDef
+    from torch.utils.tensorboard._pytorch_graph import parse
 
+    with warnings.catch_warnings():  # here only: torch.jit.trace's deprecation notice and tracer remarks
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        trace = torch.jit.trace(model, (example,), strict=False, check_trace=False)
+    graph = trace.graph
+    torch._C._jit_pass_inline(graph)
+    return GraphDef(node=parse(graph, trace, (example,)), versions=VersionDef(producer=22))
+
+
+def _reason(exc: BaseException) -> str:
+    """One readable line: the message's first line, or its last when the first dumps a tensor."""
+    lines = [line.strip(" :") for line in str(exc).strip().splitlines() if line.strip(" :")]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if len(lines[0]) > 160 or "tensor(" in lines[0] else lines[0]
+    return f"{type(exc).__name__}: {line[:200]}"
+
+
+def trace_graph(model: nn.Module, example: torch.Tensor, step: int = 0, rank: int = 0) -> Graph:
+    """Trace the (unwrapped) model on an example batch; never raises: a model that cannot be traced
+    (or run on the example) gets the error and whatever layer table could be made."""
     was_training = model.training
     model.eval()  # BatchNorm with a tiny batch; the structure is the same
     try:
-        table = layer_table(model, example)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.trace deprecation, tracer warnings
-                graph_def, _ = build_graph(model, (example,), verbose=False, use_strict_trace=False)
-            return Graph(tag="model", step=step, rank=rank, graph_def=graph_def, nodes=_nodes(graph_def),
-                         layer_table=table)
+            table = layer_table(model, example)
+        except Exception as exc:  # noqa: BLE001 - the graph is an observation: the run must not stop
+            table = f"(no layer table: the model did not run on an example batch of shape {tuple(example.shape)}: " \
+                    f"{_reason(exc)})"
+        try:
+            graph_def = _graph_def(model, example)
         except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; the run must not
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            log.warning("model graph: tracing failed (%s); logging the layer table instead", reason)
+            log.warning("model graph: tracing failed (%s); logging the layer table instead", _reason(exc))
             return Graph(tag="model", step=step, rank=rank, graph_def=None, nodes=[], layer_table=table,
-                         error=reason)
+                         error=_reason(exc))
+        return Graph(tag="model", step=step, rank=rank, graph_def=graph_def, nodes=_nodes(graph_def),
+                     layer_table=table)
     finally:
         model.train(was_training)

@@ -30,10 +30,11 @@ def to_host(tensor: torch.Tensor) -> HostCopy:
 def _histogram_row(values: torch.Tensor, bins: int) -> torch.Tensor:
     """[min, max, count, sum, sum of squares, counts…] of a tensor, without leaving the device."""
     flat = values.detach().float().flatten()
-    lo, hi = flat.min(), flat.max()
+    lo, hi = torch.aminmax(flat)
     unit = (flat - lo) / (hi - lo).clamp_min(1e-12)
     counts = torch.histc(unit, bins=bins, min=0.0, max=1.0)
-    head = torch.stack([lo, hi, flat.new_tensor(float(flat.numel())), flat.sum(), flat.pow(2).sum()])
+    count = flat.new_full((), flat.numel())  # a fill kernel: new_tensor() would copy from the host
+    head = torch.stack([lo, hi, count, flat.sum(), torch.dot(flat, flat)])
     return torch.cat([head, counts])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from runner.config import TrainConfig
+from runner.procs.run_tag import join_run
 from runner.procs.signals import GracefulStop
 from runner.telemetry.events import Text
 from runner.telemetry.hub import Hub
@@ -19,11 +20,14 @@ def run_training(cfg: TrainConfig) -> int:
     from runner.train.strategy import make_strategy
 
     stop = GracefulStop().install()
+    membership = join_run(cfg.name, str(cfg.run_path.resolve()))  # tag + registry, before any worker starts
     strategy = make_strategy(cfg)
+    if not strategy.is_writer:
+        log.setLevel(logging.WARNING)  # rank 0 says what every rank would; warnings still come from all
     hub = Hub([])
     trainer = None
     try:
-        trainer = Trainer(cfg, strategy, should_stop=stop.reason)
+        trainer = Trainer(cfg, strategy, should_stop=stop.reason, interruptible=stop.interruptible)
         trainer.resume()
         if strategy.is_writer:
             hub = Hub(build_sinks(cfg, trainer.total_steps, start_step=trainer.step))
@@ -34,8 +38,11 @@ def run_training(cfg: TrainConfig) -> int:
                           text=f"failed: {exc}" if str(exc) else f"failed: {type(exc).__name__}"))
         raise
     finally:
-        if trainer is not None:
-            trainer.close()
-        if not hub.close(timeout=30.0):
-            log.warning("some dashboard events were not delivered before exit")
-        strategy.close()
+        try:
+            if trainer is not None:
+                trainer.close()
+            if not hub.close(timeout=30.0):
+                log.warning("some dashboard events were not delivered before exit")
+        finally:
+            strategy.close()  # destroy_process_group, on every exit path
+            membership.leave()

@@ -31,6 +31,31 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def distributed_env() -> bool:
+    """True in a rank started by torchrun (ours or the user's), or any launcher that sets its env://."""
+    return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """The store for a restarted group, or None for torch's default.
+
+    torchrun (torch ≥ 2.5) shares its rendezvous store with the workers and, on a restart, hands the
+    new workers the same store without separating attempts: the new group reads the old group's keys
+    and hangs in init (pytorch#135712). On one node (one agent, so one restart count for all ranks) a
+    prefix per attempt fixes it. `runner train` turns the sharing off instead (see launch.py), which
+    also holds across nodes, where restart counts differ between agents.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ["WORLD_SIZE"]:
+        if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and os.environ["RANK"] == "0":
+            log.warning("torchrun --max-restarts over several nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                        "before torchrun, or a restarted group may hang in init (pytorch#135712)")
+        return None
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"runner/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 class Strategy:
     """One process on one device (also the base of the others)."""
 
@@ -61,12 +86,16 @@ class Strategy:
         return EpochSampler(len(dataset), seed, weights)  # type: ignore[arg-type]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (identity on one process)."""
+        """Sum over ranks, in place (identity on one process)."""
         return tensor
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's object, on the writer (a one-element list on one process)."""
         return [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        """The writer's object, on every rank (identity on one process)."""
+        return obj
 
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
@@ -82,18 +111,29 @@ class DataParallelStrategy(Strategy):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        if cfg.gpus:
-            try:
-                self.device_ids = [int(g) for g in cfg.gpus.split(",")]
-            except ValueError:
-                raise usage_error(f"--gpus takes comma-separated GPU ids like 0,1, got {cfg.gpus!r}") from None
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", self.device_ids[0])
-        else:
-            self.device_ids = list(range(torch.cuda.device_count())) if self.device.type == "cuda" else []
+        self.device_ids: list[int] = []
+        if self.device.type == "cuda":
+            self.device_ids = self._gpu_ids(cfg.gpus)
+            self.device = torch.device("cuda", self.device_ids[0])
+        elif torch.cuda.is_available():
+            raise usage_error("--strategy dp splits each batch over GPUs; with --device cpu use --strategy single")
         if len(self.device_ids) < 2:
-            log.warning("dp: %d GPU(s) visible; DataParallel runs on %s without splitting the batch",
-                        len(self.device_ids), self.device)
+            log.warning("dp: %s: DataParallel runs the whole batch on %s (nothing to split it over)",
+                        "no GPU" if not self.device_ids else "one GPU", self.device)
+
+    @staticmethod
+    def _gpu_ids(gpus: str) -> list[int]:
+        count = torch.cuda.device_count()
+        if not gpus:
+            return list(range(count))
+        try:
+            ids = [int(g) for g in gpus.split(",")]
+        except ValueError:
+            raise usage_error(f"--gpus takes comma-separated GPU ids like 0,1, got {gpus!r}") from None
+        bad = [i for i in ids if not 0 <= i < count]
+        if bad or len(set(ids)) != len(ids):
+            raise usage_error(f"--gpus {gpus}: ids must be distinct and below the {count} visible GPU(s)")
+        return ids
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -106,19 +146,30 @@ class DistributedStrategy(Strategy):
     name = "ddp"
 
     def __init__(self, cfg: TrainConfig) -> None:
-        if "LOCAL_RANK" not in os.environ:
-            raise usage_error("ddp training runs under torchrun: use `runner train --strategy ddp --nproc N`")
+        if not distributed_env():
+            raise usage_error("ddp training runs under torchrun: use `runner train --strategy ddp --nproc N` "
+                              "or `torchrun --nproc_per_node=N -m runner.train ...`")
         self.rank = int(os.environ["RANK"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         super().__init__(cfg)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
         if cfg.sync_bn and self.device.type != "cuda":
             raise usage_error("--sync-bn needs CUDA: SyncBatchNorm layers only work with GPU modules")
+        if self.device.type == "cuda":
+            local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if local_world > gpus:  # NCCL cannot put two ranks on one GPU
+                raise usage_error(f"{local_world} ranks on this node but {gpus} GPU(s): use --nproc {gpus} "
+                                  "(or --device cpu)")
+            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            device_id = self.device if self.device.type == "cuda" else None
+            timeout = timedelta(minutes=10)
+            try:
+                dist.init_process_group(backend, timeout=timeout, device_id=device_id, store=_attempt_store(timeout),
+                                        rank=self.rank, world_size=self.world_size)
+            except (RuntimeError, ValueError) as exc:
+                raise RunnerError(f"rank {self.rank}: cannot join the process group ({exc})") from None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.sync_bn:
@@ -130,6 +181,8 @@ class DistributedStrategy(Strategy):
     def sampler(self, dataset: Dataset, seed: int) -> Sampler[int]:
         if self.cfg.weighted_sampling:
             raise usage_error("--weighted-sampling is not supported with --strategy ddp")
+        if len(dataset) < self.world_size:  # type: ignore[arg-type]
+            raise usage_error(f"the dataset has {len(dataset)} sample(s), fewer than the {self.world_size} ranks")  # type: ignore[arg-type]
         return ResumableDistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
                                            shuffle=True, seed=seed, drop_last=True)
 
@@ -138,9 +191,14 @@ class DistributedStrategy(Strategy):
         return tensor
 
     def gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size if self.rank == 0 else []
-        dist.gather_object(obj, out if self.rank == 0 else None, dst=0)
-        return out
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out or []
+
+    def broadcast(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.device.type == "cuda":
@@ -154,12 +212,12 @@ class DistributedStrategy(Strategy):
 
 
 def make_strategy(cfg: TrainConfig) -> Strategy:
-    """The strategy the config names; under torchrun a `single` request still becomes ddp."""
-    if cfg.strategy == "ddp" or "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        try:
-            return DistributedStrategy(cfg)
-        except (RuntimeError, ValueError) as exc:
-            raise RunnerError(f"cannot join the process group: {exc}") from None
+    """The strategy the config names; under torchrun with several ranks a `single` request becomes ddp."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed_env() else 1
+    if cfg.strategy == "ddp" or world > 1:
+        if cfg.strategy == "dp":
+            raise usage_error("--strategy dp runs in one process; under torchrun use --strategy ddp")
+        return DistributedStrategy(cfg)
     if cfg.strategy == "dp":
         return DataParallelStrategy(cfg)
     return Strategy(cfg)

@@ -1,0 +1,60 @@
+"""Real training steps on random data, to measure a peak or to see whether a batch fits (CUDA)."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import nn
+
+from runner.memory.estimate import amp_dtype
+from runner.tasks import make_task
+
+
+def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, input_shape: tuple[int, ...], batch: int,
+              task: str, amp: bool, device: torch.device, steps: int = 2) -> None:
+    """`steps` steps in the trainer's order (forward, zero_grad, backward, step): the first creates the
+    optimizer state, the second has the previous gradients alive during forward, as training does."""
+    loss_of = make_task(task).loss
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype(device.type), enabled=amp)
+    model.train()
+    for _ in range(steps):
+        inputs = torch.rand(batch, *input_shape, device=device)
+        targets = (torch.zeros(batch, dtype=torch.long, device=device) if task == "classify"  # class 0 always exists
+                   else torch.rand(batch, *input_shape, device=device))
+        with autocast:
+            loss = loss_of(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        del inputs, targets, loss
+
+
+def measured_peak(model: nn.Module, optimizer_name: str, input_shape: tuple[int, ...], batch: int, task: str,
+                  amp: bool, device: torch.device) -> int:
+    """Peak bytes allocated on a CUDA device over two real steps, counting everything this process
+    holds there (the model's parameters too). Moves `model` to `device`; raises
+    torch.OutOfMemoryError when the batch does not fit."""
+    from runner.train.loop import make_optimizer
+
+    torch.cuda.reset_peak_memory_stats(device)
+    model.to(device)
+    optimizer = make_optimizer(optimizer_name, model.parameters(), 1e-3, 0.0)
+    run_steps(model, optimizer, input_shape, batch, task, amp, device)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def release(model: nn.Module, device: torch.device) -> None:
+    """Drop gradients and collect garbage, then return cached blocks to the device."""
+    for param in model.parameters():
+        param.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,202 @@
+"""The TensorBoard sink, read back with TensorBoard's own EventAccumulator after short real runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
+from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
+
+from dashboards.crc32c import masked_crc32c
+from dashboards.tensorboard import TensorBoardSink
+from runner.models import build_model
+from runner.telemetry.events import MemorySample, Scalar
+from runner.telemetry.tensor_stats import parameter_stats
+
+TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress", "--resume", "never",
+        "--viz", "tensorboard"]
+
+
+def read(run: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def steps(events: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in events.Scalars(tag)]
+
+
+def texts(events: EventAccumulator, tag: str) -> list[str]:
+    return [e.tensor_proto.string_val[0].decode() for e in events.Tensors(f"{tag}/text_summary")]
+
+
+def train(cli, tmp_path: Path, name: str, *args: str) -> tuple[Path, EventAccumulator, str]:
+    result = cli("train", *TINY, "--run-dir", str(tmp_path), "--name", name, *args)
+    assert result.code == 0, result.stderr
+    return tmp_path / name, read(tmp_path / name), result.stderr
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EventAccumulator]:
+    """One Tiny-UNet run shared by the read-back checks (6 steps, everything on at small cadences)."""
+    from typer.testing import CliRunner
+
+    from runner.cli import app
+
+    tmp = tmp_path_factory.mktemp("tb")
+    with pytest.MonkeyPatch.context() as env:  # as the `cli` fixture, for a module-scoped run
+        env.setenv("RUNNER_IN_PROCESS", "1")
+        env.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+        result = CliRunner().invoke(app, ["train", *TINY, "--model", "tinyunet", "--steps", "6", "--log-every", "2",
+                                          "--images-every", "3", "--hist-every", "3", "--run-dir", str(tmp),
+                                          "--name", "unet"])
+    assert result.exit_code == 0, result.stderr
+    return tmp / "unet", read(tmp / "unet")
+
+
+def test_loss_and_metric_at_every_log_point(unet_run: tuple[Path, EventAccumulator]) -> None:
+    _, events = unet_run
+    for tag in ("train/loss", "train/psnr", "train/lr", "train/samples_per_s", "train/step_time_ms",
+                "train/data_wait_ms", "train/skipped", "telemetry/dropped"):
+        assert steps(events, tag) == [2, 4, 6], tag
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_memory_rss_at_every_step(unet_run: tuple[Path, EventAccumulator]) -> None:
+    _, events = unet_run
+    assert steps(events, "memory/rss") == [1, 2, 3, 4, 5, 6]
+    assert all(e.value > 10e6 for e in events.Scalars("memory/rss"))  # bytes: a Python process with torch
+    assert steps(events, "system/cpu_percent") == [1, 2, 3, 4, 5, 6]
+    assert "memory/rss/rank0" not in events.Tags()["scalars"]  # one process: one series
+
+
+def test_image_grid_noisy_output_clean(unet_run: tuple[Path, EventAccumulator]) -> None:
+    _, events = unet_run
+    images = events.Images("images/samples")
+    assert [i.step for i in images] == [1, 3, 6]
+    # make_grid: 4 images a row (the batch) of 16 px with 2 px padding; 3 rows (noisy | output | clean)
+    assert (images[0].width, images[0].height) == (4 * 18 + 2, 3 * 18 + 2)
+    assert texts(events, "images/samples/caption")[0] == "rows: noisy | output | clean"
+
+
+def test_weight_and_grad_histograms_of_every_parameter(unet_run: tuple[Path, EventAccumulator]) -> None:
+    _, events = unet_run
+    model = build_model("tinyunet", 3, 16, 10)
+    tags = set(events.Tags()["histograms"])
+    for name, param in model.named_parameters():
+        for kind in ("weights", "grads"):
+            tag = f"{kind}/{name}"
+            assert tag in tags, tag
+            histograms = events.Histograms(tag)
+            assert [h.step for h in histograms] == [1, 3, 6], tag
+            value = histograms[-1].histogram_value
+            assert value.num == param.numel() == sum(value.bucket), tag
+            assert value.min <= value.max
+    assert steps(events, "train/grad_norm") == [1, 3, 6]
+    assert "norms/grads/enc1.0.weight" in events.Tags()["scalars"]
+
+
+def test_graph_of_the_unet(unet_run: tuple[Path, EventAccumulator]) -> None:
+    _, events = unet_run
+    assert events.Tags()["graph"]
+    ops = [node.op for node in events.Graph().node]
+    assert ops.count("aten::cat") == 3  # the three skip connections
+    assert "| enc1.0 | Conv2d | 2×16×16×16 |" in texts(events, "model")[0]  # the layer table
+
+
+def test_config_status_hparams_and_layout_in_one_folder(unet_run: tuple[Path, EventAccumulator]) -> None:
+    run, events = unet_run
+    assert 'model = "tinyunet"' in texts(events, "config")[0]
+    status = texts(events, "status")
+    assert status[0].startswith("training tinyunet") and status[-1] == "finished at step 6"
+    assert set(events.PluginTagToContent("hparams")) >= {"_hparams_/session_start_info", "_hparams_/experiment"}
+    layout = Layout.FromString(events.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+    assert charts["loss"] == ["^train/loss$"] and "memory/rss" in charts["process RSS (bytes)"][0]
+    assert "train/samples_per_s" in charts["throughput (samples/s)"][0]
+    assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoints"]  # hparams: no sub-run
+
+
+def test_dict_output_model_gets_a_graph(cli, tmp_path: Path) -> None:
+    _, events, _ = train(cli, tmp_path, "dict", "--model", "user_models:dict_denoiser", "--task", "denoise",
+                         "--steps", "2")
+    assert events.Tags()["graph"]
+    assert "aten::cat" in [node.op for node in events.Graph().node]
+    assert events.Images("images/samples")
+
+
+def test_data_parallel_model_gets_a_graph(cli, tmp_path: Path) -> None:
+    _, events, _ = train(cli, tmp_path, "dp", "--model", "cnn", "--strategy", "dp", "--steps", "2")
+    assert events.Tags()["graph"]
+    assert "aten::_convolution" in [node.op for node in events.Graph().node]
+    assert "weights/features.0.weight" in events.Tags()["histograms"]  # the user's names, not module.…
+    assert texts(events, "images/samples/caption")[0].startswith("pred/true: ")
+    assert steps(events, "train/accuracy") == [2]
+
+
+def test_untraceable_model_gets_the_warning_and_the_layer_table(cli, tmp_path: Path) -> None:
+    _, events, stderr = train(cli, tmp_path, "untraceable", "--model", "user_models:untraceable",
+                              "--task", "denoise", "--steps", "2")
+    assert "tracing failed" in stderr
+    assert not events.Tags()["graph"]
+    model_text = texts(events, "model")[0]
+    assert "Model graph unavailable" in model_text and "| encode.0 | Conv2d |" in model_text
+    assert steps(events, "train/loss") == [2]  # and the run went on
+
+
+def test_purge_step_drops_what_an_earlier_attempt_logged_after_it(tmp_path: Path) -> None:
+    first = TensorBoardSink(tmp_path)
+    for step in range(1, 11):
+        first.write(Scalar(tag="train/loss", step=step, value=float(step)))
+    first.close()
+    resumed = TensorBoardSink(tmp_path, purge_step=6)  # the checkpoint was at step 5
+    for step in range(6, 9):
+        resumed.write(Scalar(tag="train/loss", step=step, value=100.0 + step))
+    resumed.close()
+    points = [(e.step, e.value) for e in read(tmp_path).Scalars("train/loss")]
+    assert points == [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 9)]
+
+
+def test_memory_samples_of_several_ranks_become_one_series_each(tmp_path: Path) -> None:
+    sink = TensorBoardSink(tmp_path)
+    for step in (1, 2):
+        for rank in (0, 1):
+            sink.write(MemorySample(tag="memory", step=step, rank=rank, world_size=2,
+                                    values={"rss": 1e6 * (rank + 1), "cpu_percent": 50.0}))
+    sink.close()
+    scalars = read(tmp_path).Tags()["scalars"]
+    assert {"memory/rss/rank0", "memory/rss/rank1", "system/cpu_percent/rank0", "system/cpu_percent/rank1"} \
+        <= set(scalars)
+    assert "memory/rss" not in scalars
+
+
+def test_histogram_buckets_are_the_device_counts(tmp_path: Path) -> None:
+    model = torch.nn.Linear(50, 20)
+    model.bias.data.fill_(0.5)  # a constant tensor: one bucket
+    sink = TensorBoardSink(tmp_path)
+    for event in parameter_stats(model, step=3, rank=0):
+        sink.write(event)
+    sink.close()
+    events = read(tmp_path)
+    weight = events.Histograms("weights/weight")[0].histogram_value
+    data = model.weight.detach().flatten()
+    expected, _ = torch.histogram(data, bins=64, range=(data.min().item(), data.max().item()))
+    assert weight.bucket == expected.tolist()
+    assert weight.bucket_limit[-1] == pytest.approx(data.max().item())
+    assert weight.sum == pytest.approx(data.sum().item(), abs=1e-4)
+    bias = events.Histograms("weights/bias")[0].histogram_value
+    assert (bias.min, bias.max, list(bias.bucket)) == (0.5, 0.5, [20.0])
+    assert "grads/weight" not in events.Tags()["histograms"]  # no backward yet: no gradients
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 255, 256, 257, 1000, 4096, 100_003])
+def test_record_checksum_matches_tensorboards(size: int) -> None:
+    data = os.urandom(size)
+    assert masked_crc32c(data) == reference_crc(data)

@@ -1,0 +1,288 @@
+"""The Visdom sink against a real Visdom server: panes and their data, resume, pane cost, the graph
+picture, and resilience (no server, a server that never answers, a server killed mid-run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dashboards import servers
+from dashboards.graph_svg import graph_svg
+from dashboards.visdom import Message, VisdomConnection, VisdomSink, normalize_url, read_log
+from runner.telemetry.events import Scalar
+from tests.conftest import ROOT, run_runner
+from tests.visdom_helpers import HungServer, VisdomServer, by_title, free_port, line
+
+TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress"]
+
+
+def _train(run_dir: Path, name: str, url: str, *extra: str) -> tuple[int, str]:
+    out = run_runner("train", "--run-dir", str(run_dir), "--name", name, "--viz", "visdom", "--visdom-url", url,
+                     *TINY, *extra)
+    return out.code, out.stderr
+
+
+def _steps(panes_log: Path, win: str, series: str) -> list[int]:
+    panes = read_log(panes_log)
+    assert panes is not None
+    return panes.panes[win].series[series].points()[0]
+
+
+@pytest.mark.slow
+def test_train_fills_the_runs_env(tmp_path: Path) -> None:
+    import torch  # noqa: F401 - the parameter counts below come from the real model
+
+    from runner.models import build_model
+
+    with VisdomServer(tmp_path / "envs") as server:
+        code, err = _train(tmp_path, "unet", server.url, "--model", "tinyunet", "--steps", "6", "--log-every", "2",
+                           "--images-every", "3", "--hist-every", "3")
+        assert code == 0, err
+        windows = by_title(server.windows("unet"))
+    for title in ("train/loss", "train/psnr", "train/lr", "train/grad_norm"):
+        assert title in windows, sorted(windows)
+    assert line(windows["train/loss"])["loss"][0] == [2, 4, 6]
+    assert line(windows["train/psnr"])["psnr"][0] == [2, 4, 6]
+    assert line(windows["train/step_time and data_wait (ms)"]).keys() == {"step_time", "data_wait"}
+    steps, rss = line(windows["memory/rss (MiB)"])["rss"]
+    assert steps == [1, 2, 3, 4, 5, 6] and min(rss) > 10  # MiB
+    assert windows["images/samples"]["type"] == "image"
+    assert windows["images/samples"]["content"]["src"].startswith("data:image/png;base64,")
+    assert "step 6" in windows["images/samples"]["content"]["caption"]
+    sizes = {name: p.numel() for name, p in build_model("tinyunet", 3, 16, 10).named_parameters()}
+    for kind in ("weights", "grads"):
+        traces = windows[f"{kind} histograms · step 6"]["content"]["data"]
+        assert {t["name"]: sum(t["y"]) for t in traces} == sizes  # every value of every tensor, binned
+    norms = line(windows["norms/weights"])
+    assert norms.keys() == sizes.keys() and norms["enc1.0.weight"][0] == [1, 3, 6]
+    assert "<svg" in windows["model graph"]["content"] and "enc1" in windows["model graph"]["content"]
+    assert "<table" in windows["model layers"]["content"] and "enc1.0" in windows["model layers"]["content"]
+    run_text = windows["run unet"]["content"]
+    assert "finished at step 6" in run_text and "[train]" in run_text and "final metrics" in run_text
+    saved = json.loads((tmp_path / "envs" / "unet.json").read_text())  # the env survives the server
+    assert {w["title"] for w in saved["jsons"].values()} == set(windows)
+    for entry in (tmp_path / "unet" / "visdom.log").read_text().splitlines():
+        endpoint, msg = json.loads(entry)  # the client's log format
+        assert endpoint in ("events", "update") and msg["eid"] == "unet"
+
+
+def test_resume_replaces_points_after_the_resumed_step(tmp_path: Path) -> None:
+    log = tmp_path / "visdom.log"
+    with VisdomServer(tmp_path / "envs") as server:
+        first = VisdomSink(server.url, "r", log, send_every=0)
+        for step in range(1, 11):
+            first.write(Scalar(tag="train/loss", step=step, value=1.0))
+        first.close()
+        second = VisdomSink(server.url, "r", log, start_step=6, send_every=0)  # the checkpoint was at step 6
+        for step in range(7, 13):
+            second.write(Scalar(tag="train/loss", step=step, value=2.0))
+        second.close()
+        steps, values = line(by_title(server.windows("r"))["train/loss"])["loss"]
+    assert steps == list(range(1, 13))
+    assert values == [1.0] * 6 + [2.0] * 6
+    assert _steps(log, "train_loss", "loss") == list(range(1, 13))
+    assert json.loads(log.read_text().splitlines()[0])[0] == "events"  # the resumed log starts compacted
+
+
+def test_appends_send_only_new_points(tmp_path: Path) -> None:
+    """Pane cost stays flat: after the first message, each send carries only the points since the last."""
+    log = tmp_path / "visdom.log"
+    with VisdomServer(tmp_path / "envs") as server:
+        sink = VisdomSink(server.url, "flat", log, send_every=0)
+        for step in range(1, 101):
+            sink.write(Scalar(tag="train/loss", step=step, value=float(step)))
+            sink.write(Scalar(tag="norms/weights/a", step=step, value=1.0))
+            sink.write(Scalar(tag="norms/weights/b", step=step, value=2.0))
+        sink.close()
+        windows = by_title(server.windows("flat"))
+    updates = [json.loads(entry)[1] for entry in log.read_text().splitlines() if entry.startswith('["update"')]
+    assert updates and all(len(trace["x"]) <= 1 for msg in updates for trace in msg["data"])
+    assert line(windows["train/loss"])["loss"][0] == list(range(1, 101))
+    assert line(windows["norms/weights"])["b"][0] == list(range(1, 101))
+
+
+def test_a_restart_between_sends_is_noticed(tmp_path: Path) -> None:
+    """A server restarted between two sends (no failed send to see) has lost the env: a new connection
+    means the panes go whole again, so nothing is missing."""
+    with VisdomServer(tmp_path / "envs") as server:
+        sink = VisdomSink(server.url, "quick", tmp_path / "visdom.log", send_every=0)
+        for step in range(1, 6):
+            sink.write(Scalar(tag="train/loss", step=step, value=1.0))
+        server.kill()
+        server.start()
+        for step in range(6, 11):
+            sink.write(Scalar(tag="train/loss", step=step, value=1.0))
+        sink.close()
+        windows = by_title(server.windows("quick"))
+    assert line(windows["train/loss"])["loss"][0] == list(range(1, 11))
+    assert sink.link.state == "up"
+
+
+def test_login_is_used_when_the_server_asks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = {"VISDOM_USERNAME": "ada", "VISDOM_PASSWORD": "s3cret", "VISDOM_USE_ENV_CREDENTIALS": "1",
+             "VISDOM_COOKIE": "test-cookie-secret", "HOME": str(tmp_path)}
+    with VisdomServer(tmp_path / "envs", extra_env=creds, login=True) as server:
+        monkeypatch.delenv("VISDOM_USERNAME", raising=False)
+        monkeypatch.delenv("VISDOM_PASSWORD", raising=False)
+        anonymous = VisdomSink(server.url, "locked", tmp_path / "a.log", send_every=0)
+        anonymous.write(Scalar(tag="train/loss", step=1, value=1.0))
+        anonymous.close()
+        assert anonymous.link.state == "down"
+        monkeypatch.setenv("VISDOM_USERNAME", "ada")
+        monkeypatch.setenv("VISDOM_PASSWORD", "s3cret")
+        sink = VisdomSink(server.url, "locked", tmp_path / "b.log", send_every=0)
+        sink.write(Scalar(tag="train/loss", step=1, value=1.0))
+        sink.close()
+        conn = VisdomConnection(server.url)
+        conn.connect()
+        windows = json.loads(conn.post(Message.of("win_data", {"eid": "locked", "win": None})))
+        conn.close()
+    assert line(by_title(windows)["train/loss"])["loss"][0] == [1]
+
+
+@pytest.mark.slow
+def test_no_server_then_replay(tmp_path: Path) -> None:
+    """(a) Nothing listens: the run finishes, warns once, visdom.log holds it all; replay fills a server later."""
+    code, err = _train(tmp_path, "offline", f"http://127.0.0.1:{free_port()}", "--model", "cnn", "--steps", "8",
+                       "--log-every", "2", "--images-every", "4", "--hist-every", "4")
+    assert code == 0, err
+    assert err.count("is unreachable") == 1 and "Traceback" not in err
+    log = tmp_path / "offline" / "visdom.log"
+    assert _steps(log, "train_loss", "loss") == [2, 4, 6, 8]
+    assert _steps(log, "memory_rss", "rss") == list(range(1, 9))
+    panes = read_log(log)
+    assert {"images_samples", "weights_histograms", "grads_histograms", "model_graph", "run"} <= set(panes.panes)
+    with VisdomServer(tmp_path / "envs") as server:
+        out = run_runner("dashboards", "replay", "offline", "--run-dir", str(tmp_path), "--visdom-url", server.url)
+        assert out.code == 0, out.stderr
+        windows = by_title(server.windows("offline"))
+    assert line(windows["train/loss"])["loss"][0] == [2, 4, 6, 8]
+    assert line(windows["memory/rss (MiB)"])["rss"][0] == list(range(1, 9))
+    assert "finished at step 8" in windows["run offline"]["content"]
+    assert windows["images/samples"]["type"] == "image"
+
+
+@pytest.mark.slow
+def test_stock_client_replays_the_log(tmp_path: Path) -> None:
+    """visdom.log is the client's own format: `Visdom.replay_log` rebuilds the same env."""
+    code, err = _train(tmp_path, "stock", f"http://127.0.0.1:{free_port()}", "--model", "mlp", "--steps", "4",
+                       "--log-every", "1", "--images-every", "2", "--hist-every", "2")
+    assert code == 0, err
+    with VisdomServer(tmp_path / "envs") as server:
+        script = ("import sys, visdom; v = visdom.Visdom(server='http://127.0.0.1', port=int(sys.argv[1]), "
+                  "use_incoming_socket=False, raise_exceptions=True); v.replay_log(sys.argv[2])")
+        subprocess.run([sys.executable, "-c", script, str(server.port), str(tmp_path / "stock" / "visdom.log")],
+                       check=True, capture_output=True, timeout=120)
+        windows = by_title(server.windows("stock"))
+    assert line(windows["train/loss"])["loss"][0] == [1, 2, 3, 4]
+    assert {"images/samples", "model graph", "run stock"} <= set(windows)
+
+
+def _logged_points(log: Path, win: str, series: str) -> int:
+    panes = read_log(log) if log.is_file() else None
+    pane = panes.panes.get(win) if panes else None
+    return len(pane.series[series]) if pane is not None and series in pane.series else 0
+
+
+def _step_times(log: Path) -> list[float]:
+    panes = read_log(log)
+    assert panes is not None
+    return [v for v in panes.panes["train_time_ms"].series["step_time"].points()[1] if v is not None]
+
+
+@pytest.mark.slow
+def test_hung_server_does_not_stall_training(tmp_path: Path) -> None:
+    """(b) A socket that accepts and never answers: the run finishes and its steps take what they take without it."""
+    args = ["--model", "visdom_helpers:slow_model", "--steps", "25", "--log-every", "1", "--checkpoint-every", "100"]
+    code, err = _train(tmp_path, "base", f"http://127.0.0.1:{free_port()}", *args)
+    assert code == 0, err
+    with HungServer() as hung:
+        started = time.monotonic()
+        code, err = _train(tmp_path, "hung", hung.url, *args)
+        took = time.monotonic() - started
+    assert code == 0, err
+    assert err.count("is unreachable") == 1 and "no answer in time" in err and "Traceback" not in err
+    base, hung_times = _step_times(tmp_path / "base" / "visdom.log"), _step_times(tmp_path / "hung" / "visdom.log")
+    assert len(hung_times) == 25
+    # Robust: medians (not single steps) within a generous factor; a stall would add the 3 s read timeout.
+    assert statistics.median(hung_times) < 2 * statistics.median(base) + 50, (base, hung_times)
+    assert took < 120
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
+    """(c) The server dies mid-run and comes back on the same port: the env ends with every point of every step."""
+    steps = 120
+    with VisdomServer(tmp_path / "envs") as server:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+        env.pop("RUNNER_IN_PROCESS", None)
+        with open(tmp_path / "stderr.txt", "w") as err_file:
+            proc = subprocess.Popen([sys.executable, "-m", "runner", "train", "--run-dir", str(tmp_path), "--name",
+                                     "killed", "--viz", "visdom", "--visdom-url", server.url, *TINY, "--model",
+                                     "visdom_helpers:slow_model", "--steps", str(steps), "--log-every", "1",
+                                     "--checkpoint-every", "1000"], cwd=ROOT, env=env, stderr=err_file,
+                                    stdout=subprocess.DEVNULL)
+            log = tmp_path / "killed" / "visdom.log"
+            deadline = time.monotonic() + 120
+            while _logged_points(log, "train_loss", "loss") < 10:
+                assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+                time.sleep(0.2)
+            server.kill()
+            time.sleep(1.5)
+            assert proc.poll() is None, "the run ended while the server was down: make it longer"
+            server.start()
+            assert proc.wait(180) == 0, (tmp_path / "stderr.txt").read_text()
+        windows = by_title(server.windows("killed"))
+    err = (tmp_path / "stderr.txt").read_text()
+    assert err.count("is unreachable") == 1 and err.count("is back") == 1 and "Traceback" not in err, err
+    assert line(windows["train/loss"])["loss"][0] == list(range(1, steps + 1))
+    assert line(windows["memory/rss (MiB)"])["rss"][0] == list(range(1, steps + 1))
+    assert line(windows["train/step_time and data_wait (ms)"])["step_time"][0] == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_run_starts_a_server_when_none_answers(tmp_path: Path) -> None:
+    port = free_port()
+    out = run_runner("train", "--run-dir", str(tmp_path), "--name", "embedded", "--viz", "visdom", "--visdom-port",
+                     str(port), *TINY, "--model", "mlp", "--steps", "3")
+    try:
+        assert out.code == 0, out.stderr
+        assert "started a Visdom server for this run" in out.stderr
+        server = servers.recorded(tmp_path)["visdom"]
+        assert server.alive() and server.port == port and server.owner == "run embedded"
+        assert (tmp_path / ".dashboards" / "visdom" / "embedded.json").is_file()  # -env_path under the runs folder
+        probe = VisdomServer(tmp_path / ".dashboards" / "visdom", port=port)
+        assert line(by_title(probe.windows("embedded"))["train/loss"])["loss"][0] == [3]
+    finally:
+        down = run_runner("dashboards", "down", "--run-dir", str(tmp_path))
+    assert down.code == 0 and not server.alive()
+
+
+def test_graph_picture_of_a_unet() -> None:
+    import torch
+
+    from runner.models import build_model
+    from runner.telemetry.model_graph import trace_graph
+
+    event = trace_graph(build_model("tinyunet", 3, 32, 10), torch.rand(2, 3, 32, 32))
+    svg = graph_svg(event.nodes, event.layer_table)
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    for box in ("enc1 · Sequential", "bottom · Sequential", "dec1 · Sequential", "head · Conv2d", "input", "output"):
+        assert f">{box}</text>" in svg, box
+    assert svg.count(">cat</text>") == 3  # the three skip joins, each its own box
+    assert svg.count("<path") >= 20  # edges, skip connections included
+    fallback = graph_svg([], event.layer_table)  # tracing failed: the layer table as a chain
+    assert ">enc1.0 · Conv2d</text>" in fallback and ">head · Conv2d</text>" in fallback
+
+
+def test_urls_get_a_scheme_and_the_default_port() -> None:
+    assert normalize_url("myhost", 8097) == "http://myhost:8097"
+    assert normalize_url("http://myhost:9000/dash/visdom/", 8097) == "http://myhost:9000/dash/visdom"
+    assert normalize_url("https://proxy/visdom", 443) == "https://proxy:443/visdom"

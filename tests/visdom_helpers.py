@@ -1,0 +1,120 @@
+"""Helpers for the Visdom and dashboards tests: a real Visdom server on a free port, a socket that
+never answers, reading an env back through the server, and a deliberately slow model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from dashboards import servers
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class VisdomServer:
+    """A Visdom server process on 127.0.0.1:<port>, envs saved under `env_path`; killable and restartable."""
+
+    def __init__(self, env_path: Path, port: int | None = None, extra_env: dict[str, str] | None = None,
+                 login: bool = False) -> None:
+        self.env_path, self.port = Path(env_path), port or free_port()
+        self.extra_env, self.login = extra_env or {}, login
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "VisdomServer":
+        self.env_path.mkdir(parents=True, exist_ok=True)
+        if "HOME" in self.extra_env:
+            (Path(self.extra_env["HOME"]) / ".visdom").mkdir(exist_ok=True)  # where a login server keeps its cookie
+        cmd = servers.visdom_command(self.port, "127.0.0.1", self.env_path, "", self.login)
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, **self.extra_env), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not servers.answers(self.url + "/"):
+            assert self.proc.poll() is None, f"visdom exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, "visdom did not answer"
+            time.sleep(0.1)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: what the server had not saved is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def windows(self, env: str) -> dict[str, dict]:
+        """Every window of `env` as the server holds it (POST /win_data, as the client does)."""
+        body = json.dumps({"eid": env, "win": None}).encode()
+        request = urllib.request.Request(self.url + "/win_data", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def __enter__(self) -> "VisdomServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class HungServer:
+    """A socket that accepts TCP connections (the kernel's backlog) and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __enter__(self) -> "HungServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def line(window: dict) -> dict[str, tuple[list, list]]:
+    """A line window's traces: name → (x, y)."""
+    return {t["name"]: (t["x"], t["y"]) for t in window["content"]["data"]}
+
+
+def by_title(windows: dict[str, dict]) -> dict[str, dict]:
+    return {w["title"]: w for w in windows.values()}
+
+
+def slow_model(channels: int, image_size: int):
+    """A linear classifier that takes ~40 ms a forward call: long enough runs to kill a server under."""
+    from torch import nn
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(channels * image_size * image_size, 10)
+
+        def forward(self, x):  # noqa: ANN001
+            time.sleep(0.04)
+            return self.fc(x.flatten(1))
+
+    return Slow()
