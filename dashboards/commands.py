@@ -90,13 +90,19 @@ def _up(run_dir: str, host: str, tb_port: int, visdom_port: int, base_url: str, 
     ]
     result = servers.start(run_dir, requests, timeout)
     for kind, (server, new) in result.items():
-        note = "started" if new else "already running"
+        note = "started" if new else f"already running, started by {server.owner}"
         print(f"{kind:<12} {server.local_url}   ({note}, pid {server.pid})")
     ports = [server.port for server, _ in result.values()]
     tunnel = " ".join(f"-L {p}:127.0.0.1:{p}" for p in ports)
-    print(f"From your laptop: ssh -N {tunnel} {getpass.getuser()}@{socket.getfqdn()}")
+    print(f"From your laptop: ssh -N {tunnel} {getpass.getuser()}@{_this_host()}")
     print(f"Stop both:        runner dashboards down --run-dir {run_dir}")
     return 0
+
+
+def _this_host() -> str:
+    """A name a laptop can reach this machine by (the FQDN, unless that is only localhost)."""
+    name = socket.getfqdn()
+    return socket.gethostname() if name.startswith("localhost") else name
 
 
 @app.command()

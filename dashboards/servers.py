@@ -1,8 +1,10 @@
 """The TensorBoard and Visdom servers as background processes: start, find, check and stop them.
 
-Servers run in their own session (a Ctrl+C in the terminal or the end of a run does not stop them)
-and are recorded in `<run_dir>/.dashboards/servers.json` with their pid and start time, so `down`
-stops exactly the processes it started, never a process that reused the pid. Their output goes to
+Servers run in their own session (a Ctrl+C in the terminal does not stop them) and are recorded in
+`<run_dir>/.dashboards/servers.json` with their pid and start time, so `down` stops exactly the
+processes it started, never a process that reused the pid. `runner dashboards up` starts servers
+that stay; a run that finds no Visdom starts one that lives as long as the run (a run's processes
+end with it: the supervisor reaps them, and they carry the run's tag for `runner cleanup`). Their output goes to
 `<run_dir>/.dashboards/<kind>.out`; Visdom keeps its envs in `<run_dir>/.dashboards/visdom/`.
 No torch or visdom import here.
 """
@@ -306,9 +308,20 @@ def stop_all(run_dir: str | Path) -> list[tuple[Server, bool]]:
     return result
 
 
-def ensure_visdom(run_dir: str | Path, port: int, owner: str, timeout: float = 30.0) -> tuple[Server, bool]:
-    """A Visdom server on 127.0.0.1:port for a run: ours if recorded and alive, else a new one."""
+def start_for_run(run_dir: str | Path, port: int, owner: str, timeout: float = 30.0) -> tuple[Server, bool]:
+    """A Visdom server on 127.0.0.1:port for a run that found none: it lives as long as the run (the
+    run stops it with `release`; the supervisor reaps it if the run dies), its envs stay on disk."""
     request = Request(kind="visdom", cmd=visdom_command(port, "127.0.0.1", visdom_env_path(run_dir), "", False),
                       host="127.0.0.1", port=port, base_url="", owner=owner, env={})
     visdom_env_path(run_dir).mkdir(parents=True, exist_ok=True)
     return start(run_dir, [request], timeout)["visdom"]
+
+
+def release(run_dir: str | Path, server: Server) -> None:
+    """Stop a server started for a run and forget it (unless the record now names another process)."""
+    stop(server)
+    with _locked(run_dir) as path:
+        servers = _read(path)
+        if servers.get(server.kind) == server:
+            del servers[server.kind]
+            _write(path, servers)

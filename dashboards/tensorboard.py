@@ -56,7 +56,8 @@ def _fast_records(file_writer: Any) -> None:
 
 
 def _png(image: np.ndarray) -> Summary.Image:
-    """A (C, H, W) float image in [0, 1] as a PNG summary (compression level 1: ~4x faster to encode than 6)."""
+    """A (C, H, W) float image in [0, 1] as a PNG summary, at zlib level 1 (add_image uses 6: slower on smooth
+    images, no smaller on noisy ones)."""
     from PIL import Image
 
     pixels = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
@@ -74,7 +75,8 @@ class TensorBoardSink:
     def __init__(self, run_path: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_path), purge_step=purge_step)
+        # flush_secs: the file reaches the disk every 5 s (default 120 s), so a live TensorBoard keeps up
+        self.writer = SummaryWriter(log_dir=str(run_path), purge_step=purge_step, flush_secs=5)
         self._file = self.writer._get_file_writer()  # created now: the purge marker goes first
         _fast_records(self._file)
         self.writer.add_custom_scalars(LAYOUT)

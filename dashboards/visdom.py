@@ -599,7 +599,6 @@ class RunText:
         self.status: list[tuple[int, str]] = []
         self.config = ""
         self.metrics: dict[str, float] = {}
-        self.hparams: dict[str, Any] = {}
 
     def html(self) -> str:
         status = "".join(f"<div>step {step}: {html.escape(text)}</div>" for step, text in self.status[-STATUS_LINES:])
@@ -619,8 +618,8 @@ class VisdomSink:
 
     def __init__(self, url: str, env: str, log_path: Path, start_step: int = 0, first_panes: Iterable[str] = (),
                  send_every: float = SEND_EVERY, connect_timeout: float = CONNECT_TIMEOUT,
-                 read_timeout: float = READ_TIMEOUT) -> None:
-        self.env, self.log_path, self.send_every = env, Path(log_path), send_every
+                 read_timeout: float = READ_TIMEOUT, on_close: Callable[[], None] | None = None) -> None:
+        self.env, self.log_path, self.send_every, self.on_close = env, Path(log_path), send_every, on_close
         self.panes = Panes(env)
         if start_step > 0 and self.log_path.is_file():
             restored = read_log(self.log_path)
@@ -642,8 +641,9 @@ class VisdomSink:
     def for_run(cls, cfg: Any, start_step: int = 0) -> "VisdomSink":
         """The sink of a run: its server (started for the run when none answers), env `cfg.name`."""
         metric = "train/psnr" if cfg.resolved_task == "denoise" else "train/accuracy"
-        return cls(server_url(cfg), cfg.name, cfg.run_path / "visdom.log", start_step=start_step,
-                   first_panes=("train/loss", metric))
+        url, on_close = server_for_run(cfg)
+        return cls(url, cfg.name, cfg.run_path / "visdom.log", start_step=start_step,
+                   first_panes=("train/loss", metric), on_close=on_close)
 
     def _start_log(self) -> None:
         """A fresh log holding the current panes whole (on resume: what the env had up to the resumed step)."""
@@ -678,7 +678,7 @@ class VisdomSink:
         elif isinstance(event, Text):
             self._text(event)
         elif isinstance(event, HParams):
-            self.run_text.hparams, self.run_text.metrics = event.hparams, event.metrics
+            self.run_text.metrics = event.metrics
             self._run_pane()
         if time.monotonic() >= self._next_send:
             self._send()
@@ -754,33 +754,43 @@ class VisdomSink:
         self._send(final=True)
         self._log.close()
         self.link.close()
+        if self.on_close is not None:
+            self.on_close()
         if self.link.state == "down":
             log.info("Visdom stayed unreachable: the whole env is in %s; send it with `runner dashboards replay %s`",
                      self.log_path, self.log_path.parent)
 
 
-def server_url(cfg: Any) -> str:
-    """The Visdom server a run talks to: --visdom-url; else ours for this runs folder; else the
-    local port, where a server is started for the run when nothing answers."""
+def server_for_run(cfg: Any) -> tuple[str, Callable[[], None] | None]:
+    """The Visdom server a run talks to, and what to do when the run ends: --visdom-url; else the
+    server recorded for this runs folder; else whatever answers on the local port; else a server
+    started for the run (stopped when it ends; its env stays on disk for `runner dashboards up`)."""
     from dashboards import servers
 
     if cfg.visdom_url:
-        return normalize_url(cfg.visdom_url, cfg.visdom_port)
+        return normalize_url(cfg.visdom_url, cfg.visdom_port), None
     running = servers.running_visdom(cfg.run_dir)
     if running is not None:
-        return running.local_url.rstrip("/")
+        return running.local_url.rstrip("/"), None
     url = f"http://127.0.0.1:{cfg.visdom_port}"
     if servers.answers(url + "/", timeout=0.5):
-        return url
+        return url, None
     try:
-        server, _ = servers.ensure_visdom(cfg.run_dir, cfg.visdom_port, owner=f"run {cfg.name}")
+        server, new = servers.start_for_run(cfg.run_dir, cfg.visdom_port, owner=f"run {cfg.name}")
     except Exception as exc:  # noqa: BLE001 - no server is no reason to stop training: the log keeps it all
         log.warning("could not start a Visdom server on port %d (%s); updates go to %s", cfg.visdom_port,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__, cfg.run_path / "visdom.log")
-        return url
-    log.info("started a Visdom server for this run: %s (env %s); stop it with `runner dashboards down --run-dir %s`",
-             server.local_url, cfg.name, cfg.run_dir)
-    return server.local_url.rstrip("/")
+        return url, None
+    if not new:
+        return server.local_url.rstrip("/"), None
+    log.info("started a Visdom server for this run: %senv/%s (it stops with the run; `runner dashboards up` "
+             "serves the saved env afterwards)", server.local_url, cfg.name)
+
+    def release() -> None:
+        servers.release(cfg.run_dir, server)
+        log.info("stopped this run's Visdom server; env %s is saved in %s", cfg.name, servers.visdom_env_path(cfg.run_dir))
+
+    return server.local_url.rstrip("/"), release
 
 
 def normalize_url(url: str, port: int) -> str:

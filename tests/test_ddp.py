@@ -235,11 +235,17 @@ def test_two_nodes_on_one_machine_form_one_world(tmp_path: Path) -> None:
     nodes = [subprocess.Popen([*args, "--node-rank", str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=_env(), cwd=ROOT) for rank in (0, 1)]
     try:
-        outputs = [node.communicate(timeout=120) for node in nodes]
+        deadline = time.monotonic() + 150
+        outputs = [node.communicate(timeout=max(1.0, deadline - time.monotonic())) for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.terminate()  # the supervisor ends its torchrun and ranks
+        outputs = [node.communicate(timeout=30) for node in nodes]
+        pytest.fail(f"the two nodes did not finish within 150 s: {outputs}")
     finally:
         for node in nodes:
             if node.poll() is None:
-                node.send_signal(signal.SIGKILL)
+                node.kill()
                 node.wait()
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "ddp x2" in outputs[0][1] + outputs[1][1]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from procs_helpers import BLOCK_AFTER_ENV, MARKERS_ENV, SLOW_STEP_ENV, marked
+from procs_helpers import MARKERS_ENV, SLOW_STEP_ENV, marked
 from runner.procs import proc_table, registry
 from runner.procs.gpu_memory import gpu_memory_by_pid
 from runner.procs.run_tag import TAG_ENV
@@ -73,9 +73,25 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
 
 def start_run(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
     """`python -m runner train ...` in its own session (its pgid is its pid, like a terminal's job)."""
-    log = open(tmp_path / "run.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "runner", "train", "--run-dir", str(tmp_path / "runs"), *args],
-                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "run.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "runner", "train", "--run-dir", str(tmp_path / "runs"), *args],
+                                env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_exit(sup: subprocess.Popen, tmp_path: Path, timeout: float = EXIT) -> int:
+    """The supervisor's exit code; on a timeout, an error that shows the run's output."""
+    try:
+        return sup.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout} s:\n{(tmp_path / 'run.log').read_text()}") from None
+
+
+def wait_trained(tmp_path: Path, name: str, sup: subprocess.Popen) -> Path:
+    """Wait for a first step (checkpoint every step) and both workers blocked; returns last.pt's path."""
+    last = tmp_path / "runs" / name / "checkpoints" / "last.pt"
+    wait_for(last.exists, STARTUP, "a first checkpoint", sup)
+    wait_for(lambda: len(marked(tmp_path / "markers", "blocked")) == 2, STARTUP, "both workers to block", sup)
+    return last
 
 
 def only_run() -> registry.RunRecord:
@@ -139,26 +155,51 @@ def test_stop_signal_with_workers_blocked_in_getitem(tmp_path: Path, markers: Pa
     from runner.train import checkpoint
 
     env = child_env(tmp_path)
-    sup = start_run(tmp_path, env, *TINY, *BLOCKING, "--workers", "2", "--name", "stop")
-    wait_for(lambda: len(marked(markers, "blocked")) == 2, STARTUP, "both workers to block", sup)
+    sup = start_run(tmp_path, env, *TINY, *BLOCKING, "--workers", "2", "--checkpoint-every", "1", "--name", "stop")
+    last = wait_trained(tmp_path, "stop", sup)
     run = only_run()
     members = tagged(TAG_ENV, run.id)
     assert len(members) >= 3  # trainer and two workers (the supervisor carries no tag of its own)
 
     started = time.monotonic()
     os.killpg(sup.pid, sig)
-    assert sup.wait(EXIT) == code
+    assert wait_exit(sup, tmp_path) == code
     print(f"exit {time.monotonic() - started:.2f} s after {signal.Signals(sig).name}")
 
     assert not [pid for pid, start in members.items() if running(pid, start)]
     assert not tagged(TAG_ENV, run.id)
-    state = checkpoint.load(tmp_path / "runs" / "stop" / "checkpoints" / "last.pt")
-    assert state["step"] >= 1
+    assert checkpoint.load(last)["step"] >= 1
     log = (tmp_path / "run.log").read_text()
     assert f"stopped by {signal.Signals(sig).name}" in log
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert "leftover" not in log  # the trainer shut its workers down itself; the supervisor had nothing to do
     _, listed = runner_cli(env, "runs")
     assert listed[0]["status"] == f"stopped by {signal.Signals(sig).name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_to_the_workers_too(tmp_path: Path, markers: Path, sig: int, code: int) -> None:
+    """A trainer without the supervisor, signalled with its whole group, workers included: Ctrl+C in a
+    terminal (`python -m runner.train`), or torchrun's SIGTERM to a rank's group. The workers ignore it
+    (no KeyboardInterrupt, no "worker killed by signal" in the trainer); the trainer stops them itself."""
+    from runner.train import checkpoint
+
+    env = child_env(tmp_path)
+    with open(tmp_path / "run.log", "ab") as log:
+        trainer = subprocess.Popen([sys.executable, "-m", "runner.train", *TINY, *BLOCKING, "--workers", "2",
+                                    "--worker-start-method", "spawn", "--checkpoint-every", "1", "--name", "bare",
+                                    "--run-dir", str(tmp_path / "runs")],
+                                   env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    last = wait_trained(tmp_path, "bare", trainer)
+    members = tagged(MARKERS_ENV, str(markers))
+
+    os.killpg(trainer.pid, sig)
+    assert wait_exit(trainer, tmp_path) == code
+    assert not [pid for pid, start in members.items() if running(pid, start)]
+    assert checkpoint.load(last)["step"] >= 1
+    log = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
 
 
 @pytest.mark.slow
@@ -178,7 +219,7 @@ def test_second_ctrl_c_kills_the_run_at_once(tmp_path: Path, markers: Path) -> N
     time.sleep(0.5)
     assert sup.poll() is None  # still in the slow step
     os.killpg(sup.pid, signal.SIGINT)
-    assert sup.wait(EXIT) == 130
+    assert wait_exit(sup, tmp_path) == 130
 
     assert not [pid for pid, start in members.items() if running(pid, start)]
     assert checkpoint.load(tmp_path / "runs" / "slow" / "checkpoints" / "last.pt")["step"] == 2
@@ -197,7 +238,7 @@ def test_supervisor_reaps_workers_when_the_trainer_is_killed(tmp_path: Path, mar
     (trainer,) = roles(run.id)["trainer"]
 
     os.kill(trainer, signal.SIGKILL)
-    assert sup.wait(EXIT) == 137
+    assert wait_exit(sup, tmp_path) == 137
     assert not [pid for pid, start in workers.items() if running(pid, start)]
     assert "ended 2 leftover process(es)" in (tmp_path / "run.log").read_text()
 
@@ -208,15 +249,15 @@ def test_trainer_stops_gracefully_when_the_supervisor_is_killed(tmp_path: Path, 
     from runner.train import checkpoint
 
     env = child_env(tmp_path)
-    sup = start_run(tmp_path, env, *TINY, *BLOCKING, "--workers", "2", "--name", "orphan")
-    wait_for(lambda: len(marked(markers, "blocked")) == 2, STARTUP, "both workers to block", sup)
+    sup = start_run(tmp_path, env, *TINY, *BLOCKING, "--workers", "2", "--checkpoint-every", "1", "--name", "orphan")
+    last = wait_trained(tmp_path, "orphan", sup)
     members = tagged(TAG_ENV, only_run().id)
 
     sup.kill()
     sup.wait()
     wait_for(lambda: not [pid for pid, start in members.items() if running(pid, start)], EXIT, "the run to end")
     assert "stopped by SIGTERM" in (tmp_path / "run.log").read_text()
-    assert checkpoint.load(tmp_path / "runs" / "orphan" / "checkpoints" / "last.pt")["step"] >= 1
+    assert checkpoint.load(last)["step"] >= 1
 
 
 @pytest.mark.slow
@@ -230,7 +271,7 @@ def test_supervisor_reaps_ranks_when_the_torchrun_agent_is_killed(tmp_path: Path
     (agent,) = roles(run.id)["agent"]
 
     os.kill(agent, signal.SIGKILL)
-    sup.wait(EXIT + 10)  # ranks get SIGTERM, then SIGKILL after the reaping grace
+    assert wait_exit(sup, tmp_path, EXIT + 10) == 137  # ranks get SIGTERM, then SIGKILL after the reaping grace
     assert not [pid for pid, start in members.items() if running(pid, start)]
 
 

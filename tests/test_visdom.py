@@ -16,7 +16,7 @@ import pytest
 from dashboards import servers
 from dashboards.graph_svg import graph_svg
 from dashboards.visdom import Message, VisdomConnection, VisdomSink, normalize_url, read_log
-from runner.telemetry.events import Scalar
+from runner.telemetry.events import MemorySample, Scalar
 from tests.conftest import ROOT, run_runner
 from tests.visdom_helpers import HungServer, VisdomServer, by_title, free_port, line
 
@@ -106,6 +106,22 @@ def test_appends_send_only_new_points(tmp_path: Path) -> None:
     assert updates and all(len(trace["x"]) <= 1 for msg in updates for trace in msg["data"])
     assert line(windows["train/loss"])["loss"][0] == list(range(1, 101))
     assert line(windows["norms/weights"])["b"][0] == list(range(1, 101))
+
+
+def test_memory_of_every_rank_shares_a_pane(tmp_path: Path) -> None:
+    """DDP: one series per rank in each memory pane (as TensorBoard's custom-scalars page groups them)."""
+    mib = float(1 << 20)
+    with VisdomServer(tmp_path / "envs") as server:
+        sink = VisdomSink(server.url, "ddp", tmp_path / "visdom.log", send_every=0)
+        for step in (1, 2, 3):
+            for rank in (0, 1):
+                values = {"rss": 100 * mib * (rank + 1), "allocated": 8 * mib, "cpu_percent": 50.0}
+                sink.write(MemorySample(tag="memory", step=step, rank=rank, world_size=2, values=values))
+        sink.close()
+        windows = by_title(server.windows("ddp"))
+    assert line(windows["memory/rss (MiB)"]) == {"rank0": ([1, 2, 3], [100] * 3), "rank1": ([1, 2, 3], [200] * 3)}
+    assert line(windows["memory/cuda (MiB)"]).keys() == {"allocated rank0", "allocated rank1"}
+    assert line(windows["system/cpu_percent"])["rank1"] == ([1, 2, 3], [50] * 3)
 
 
 def test_a_restart_between_sends_is_noticed(tmp_path: Path) -> None:
@@ -248,21 +264,25 @@ def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_starts_a_server_when_none_answers(tmp_path: Path) -> None:
+def test_run_starts_a_server_for_itself_when_none_answers(tmp_path: Path) -> None:
+    """No --visdom-url and nothing on the port: the run starts a server, uses it, stops it at its end;
+    the env stays on disk (under the runs folder) for `runner dashboards up`."""
     port = free_port()
     out = run_runner("train", "--run-dir", str(tmp_path), "--name", "embedded", "--viz", "visdom", "--visdom-port",
                      str(port), *TINY, "--model", "mlp", "--steps", "3")
+    assert out.code == 0, out.stderr
+    assert "started a Visdom server for this run" in out.stderr and "stopped this run's Visdom server" in out.stderr
+    assert "leftover" not in out.stderr  # it stopped its server itself; the supervisor found nothing to reap
+    assert servers.recorded(tmp_path) == {} and not servers.port_busy("127.0.0.1", port)
+    assert (tmp_path / ".dashboards" / "visdom" / "embedded.json").is_file()  # -env_path under the runs folder
+    up = run_runner("dashboards", "up", "--run-dir", str(tmp_path), "--tb-port", str(free_port()), "--visdom-port",
+                    str(port))
     try:
-        assert out.code == 0, out.stderr
-        assert "started a Visdom server for this run" in out.stderr
-        server = servers.recorded(tmp_path)["visdom"]
-        assert server.alive() and server.port == port and server.owner == "run embedded"
-        assert (tmp_path / ".dashboards" / "visdom" / "embedded.json").is_file()  # -env_path under the runs folder
+        assert up.code == 0, up.stderr
         probe = VisdomServer(tmp_path / ".dashboards" / "visdom", port=port)
         assert line(by_title(probe.windows("embedded"))["train/loss"])["loss"][0] == [3]
     finally:
-        down = run_runner("dashboards", "down", "--run-dir", str(tmp_path))
-    assert down.code == 0 and not server.alive()
+        run_runner("dashboards", "down", "--run-dir", str(tmp_path))
 
 
 def test_graph_picture_of_a_unet() -> None:

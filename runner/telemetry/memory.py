@@ -89,7 +89,7 @@ def _open_nvml(index: int) -> Any:
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound and friends
-        log.info("GPU metrics off: NVML unavailable (%s)", type(exc).__name__)
+        log.info("GPU metrics off: NVML unavailable (%s); CUDA allocator stats stay on", type(exc).__name__)
         return None
 
     def read() -> dict[str, float]:
@@ -123,10 +123,7 @@ class MemoryProbe:
         self.device = device
         self.cuda = getattr(device, "type", str(device)) == "cuda"
         gpu_index = (device.index or 0) if self.cuda else None
-        self.system = SystemSampler(system_every, gpu_index).start()
-        if not self.cuda or not self.system.gpu_metrics:
-            if self.cuda:
-                log.info("NVML unavailable: GPU utilisation/power/temperature off, allocator stats on")
+        self.system = SystemSampler(system_every, gpu_index).start()  # says once if NVML is unavailable
 
     def sample(self) -> dict[str, float]:
         values: dict[str, float] = {"rss": float(process_rss())}

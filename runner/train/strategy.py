@@ -181,8 +181,9 @@ class DistributedStrategy(Strategy):
     def sampler(self, dataset: Dataset, seed: int) -> Sampler[int]:
         if self.cfg.weighted_sampling:
             raise usage_error("--weighted-sampling is not supported with --strategy ddp")
-        if len(dataset) < self.world_size:  # type: ignore[arg-type]
-            raise usage_error(f"the dataset has {len(dataset)} sample(s), fewer than the {self.world_size} ranks")  # type: ignore[arg-type]
+        size = len(dataset)  # type: ignore[arg-type]
+        if size < self.world_size:
+            raise usage_error(f"the dataset has {size} sample(s), fewer than the {self.world_size} ranks")
         return ResumableDistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
                                            shuffle=True, seed=seed, drop_last=True)
 
