@@ -17,7 +17,7 @@ def build_sinks(cfg: TrainConfig, total_steps: int, start_step: int = 0) -> list
     if cfg.viz in ("tensorboard", "both"):
         from dashboards.tensorboard import TensorBoardSink
 
-        sinks.append(TensorBoardSink(cfg.run_path, purge_step=start_step or None))
+        sinks.append(TensorBoardSink(cfg.run_path, purge_step=start_step + 1 if start_step else None))
     if cfg.viz in ("visdom", "both"):
         from dashboards.visdom import VisdomSink
 
