@@ -37,11 +37,12 @@ browser:
 
 demo: setup
 	$(BIN)/runner dashboards up
+	$(eval DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S))
 	$(BIN)/runner train --model tinyunet --data synthetic --steps 200 --batch-size 8 \
-	  --image-size 64 --viz both --images-every 50 --hist-every 50 --name demo --resume never
+	  --image-size 64 --viz both --images-every 50 --hist-every 50 --name $(DEMO_NAME)
 	@echo
 	@echo "TensorBoard:  http://127.0.0.1:6006   (or: $(BIN)/tensorboard --logdir runs)"
-	@echo "Visdom:       http://127.0.0.1:8097   (env: demo)"
+	@echo "Visdom:       http://127.0.0.1:8097   (env: $(DEMO_NAME))"
 	@echo "Stop both:    $(BIN)/runner dashboards down"
 
 test: setup browser
