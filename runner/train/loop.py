@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from runner import config as config_io
 from runner.config import TrainConfig
