@@ -136,7 +136,23 @@ class HParams(Event):
     metrics: dict[str, float]
 
 
-ESSENTIAL = (Scalar, MemorySample, Text, Graph, HParams)  # never dropped by the hub
+@dataclass(kw_only=True, slots=True)
+class Finding(Event):
+    """A diagnosis of the run: what was found, how sure, on what evidence, and what to do.
+
+    `kind` names the rule (input_bound, unreadable_samples, exploding_gradients, vanishing_gradients,
+    first_nonfinite, memory_growth, allocator_pressure, straggler_rank, dashboard_trouble); `tag` is
+    "findings". Raised by the diagnosis sink (or, for first_nonfinite, by the trainer after a failure).
+    """
+
+    kind: str
+    severity: str  # info | warning | error
+    message: str  # one sentence
+    evidence: dict[str, Any] = field(default_factory=dict)  # the numbers and steps it rests on
+    advice: str = ""
+
+
+ESSENTIAL = (Scalar, MemorySample, Text, Graph, HParams, Finding)  # never dropped by the hub
 
 
 class Sink(Protocol):
