@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 ASSETS_STAMP := $(VENV)/.visdom-assets
 PIP_QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-.PHONY: setup demo test test-fast browser bench clean
+.PHONY: setup demo test test-fast browser bench clean gpu-bundle
 .DEFAULT_GOAL := demo
 
 setup: $(STAMP) $(ASSETS_STAMP)
@@ -54,6 +54,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_overhead.py
+
+# What the GPU machine (no registry) lacks, in one git-ignored folder that travels with the tree: wheels
+# for Python 3.12 and Visdom's assets. The line that installs it there: scripts/gpu_acceptance.py --dry-run.
+gpu-bundle: setup
+	$(BIN)/python -m scripts.gpu_checks.bundle build .gpu-bundle
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

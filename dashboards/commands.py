@@ -5,27 +5,20 @@ from __future__ import annotations
 import getpass
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from runner.cli_errors import run_command
 from runner.errors import RunnerError, usage_error
 
 app = typer.Typer(help="Start, check and stop the TensorBoard and Visdom servers.", no_args_is_help=True)
 
-_RUN_DIR = typer.Option("runs", "--run-dir", help="Folder of runs (TensorBoard's --logdir; Visdom envs in .dashboards/).")
-
-
-def _run(body: Callable[[], int | None]) -> None:
-    """RunnerError → `runner: error: ...` on stderr and its exit code; otherwise the body's code."""
-    try:
-        code = body()
-    except RunnerError as exc:
-        print(f"runner: error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.code) from None
-    raise typer.Exit(code or 0)
+_RUN_DIR = typer.Option("runs", "--run-dir", envvar="RUNNER_RUN_DIR", show_envvar=True,
+                        help="Folder of runs (TensorBoard's --logdir; Visdom envs in .dashboards/).")
+_VISDOM_PORT = typer.Option(8097, "--visdom-port", envvar="RUNNER_VISDOM_PORT", show_envvar=True,
+                            help="Port of the local Visdom server.")
 
 
 @app.command("install-assets")
@@ -39,7 +32,7 @@ def install_assets(force: bool = typer.Option(False, "--force", help="Fetch and 
         else:
             print(f"Visdom assets already installed in {visdom_assets.static_dir()}")
 
-    _run(body)
+    run_command(body)
 
 
 @app.command()
@@ -47,15 +40,15 @@ def up(
     run_dir: str = _RUN_DIR,
     host: str = typer.Option("127.0.0.1", help="Address both servers listen on. Non-loopback needs Visdom "
                                               "login (VISDOM_USERNAME/VISDOM_PASSWORD) and --public."),
-    tb_port: int = typer.Option(6006, help="TensorBoard port."),
-    visdom_port: int = typer.Option(8097, help="Visdom port."),
+    tb_port: int = typer.Option(6006, envvar="RUNNER_TB_PORT", show_envvar=True, help="TensorBoard port."),
+    visdom_port: int = _VISDOM_PORT,
     base_url: str = typer.Option("", help="Path prefix behind a reverse proxy, e.g. /dash: TensorBoard is served "
                                          "under /dash/tensorboard, Visdom under /dash/visdom."),
     public: bool = typer.Option(False, "--public", help="Allow TensorBoard (no authentication) on a non-loopback host."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for both servers to answer."),
 ) -> None:
     """Start TensorBoard and Visdom in the background (if not already running) and print where they are."""
-    _run(lambda: _up(run_dir, host, tb_port, visdom_port, base_url, public, timeout))
+    run_command(lambda: _up(run_dir, host, tb_port, visdom_port, base_url, public, timeout))
 
 
 def _up(run_dir: str, host: str, tb_port: int, visdom_port: int, base_url: str, public: bool, timeout: float) -> int:
@@ -124,7 +117,7 @@ def status(run_dir: str = _RUN_DIR) -> None:
             print(f"{kind:<12} {state:<14} {server.local_url}   pid {server.pid}, started by {server.owner}")
         return 0 if ok else 1
 
-    _run(body)
+    run_command(body)
 
 
 @app.command()
@@ -139,16 +132,17 @@ def down(run_dir: str = _RUN_DIR) -> None:
         for server, was_running in stopped:
             print(f"{server.kind:<12} {'stopped' if was_running else 'was not running'} (pid {server.pid})")
 
-    _run(body)
+    run_command(body)
 
 
 @app.command()
 def replay(
     run: str = typer.Argument(..., help="Run name (folder under --run-dir) or path to a run folder or visdom.log."),
     run_dir: str = _RUN_DIR,
-    visdom_url: Optional[str] = typer.Option(None, help="Visdom server (default: the one started here, else "
-                                                        "http://127.0.0.1:<visdom-port>)."),
-    visdom_port: int = typer.Option(8097, help="Port of the local Visdom server."),
+    visdom_url: Optional[str] = typer.Option(None, envvar="RUNNER_VISDOM_URL", show_envvar=True,
+                                             help="Visdom server (default: the one started here, else "
+                                                  "http://127.0.0.1:<visdom-port>)."),
+    visdom_port: int = _VISDOM_PORT,
 ) -> None:
     """Send a run's visdom.log to a Visdom server, so its env is complete (e.g. after the server was down)."""
     from dashboards import servers
@@ -171,4 +165,4 @@ def replay(
         env, panes = replay_log(path, url)
         print(f"replayed {path}: env {env!r}, {panes} panes, at {url}")
 
-    _run(body)
+    run_command(body)

@@ -180,8 +180,15 @@ def visdom_command(port: int, host: str, env_path: Path, base_url: str, login: b
     return cmd
 
 
+# TensorBoard keeps 10 images and 500 histograms per tag (a random sample) unless told. 10,000 holds
+# every grid and histogram of a 1M-step run at the default cadence (every 100 steps). Not 0: the
+# loader reads it as "keep all", but the image and histogram plugins then ask for 0 of them and show none.
+SAMPLES_PER_PLUGIN = "images=10000,histograms=10000"
+
+
 def tensorboard_command(port: int, host: str, logdir: Path, base_url: str) -> list[str]:
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port), "--host", host]
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port), "--host", host,
+           f"--samples_per_plugin={SAMPLES_PER_PLUGIN}"]
     if base_url:
         cmd += ["--path_prefix", base_url]
     return cmd

@@ -6,13 +6,18 @@ Imports nothing heavy: `runner --help` and the supervisor read it without torch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import time
 import tomllib
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from runner.errors import usage_error
 
@@ -83,11 +88,13 @@ class TrainConfig:
     # run bookkeeping
     run_dir: str = "runs"
     name: str = ""
+    experiment: str = ""  # Visdom env group and TensorBoard hparams experiment; empty: <model>-<data kind>
     resume: str = "auto"  # auto | never | PATH
     checkpoint_every: int = 50
     on_nan: str = "stop"
     oom: str = "stop"
     memory_snapshot: bool = False
+    profile: str = ""  # START:STOP: torch.profiler over those steps (trace under <run>/profile/)
     debug: bool = False
     progress: bool = True
 
@@ -104,6 +111,11 @@ class TrainConfig:
         if self.model in DENOISE_MODELS or self.data.startswith("paired:"):
             return "denoise"
         return "classify"
+
+    @property
+    def experiment_name(self) -> str:
+        """`--experiment`, else `<model>-<data kind>` (with `_` as `-`: Visdom groups envs at the first `_`)."""
+        return self.experiment or f"{_model_part(self.model)}-{_data_part(self.data)}".replace("_", "-")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,10 +156,10 @@ def _coerce(name: str, value: Any) -> Any:
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a config file; unknown keys and unreadable files are usage errors."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise usage_error(f"config file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise usage_error(f"cannot read config file {path}: {exc}") from None
     raw = raw.get("train", raw)
     known = _field_types()
@@ -176,8 +188,7 @@ def default_name(cfg: TrainConfig) -> str:
     In a torchrun rank the stamp is torchrun's run id (a fresh uuid per launch for one node, the same on
     every rank and every restart); for a multi-node `runner train`, the --rdzv-id every node is given.
     """
-    model = cfg.model.rsplit(":", 1)[-1]
-    data = cfg.data.split(":", 1)[0].rsplit(".", 1)[-1]
+    model, data = _model_part(cfg.model), _data_part(cfg.data)
     if "RANK" in os.environ:  # a rank: every rank, and every restart, must find the same run
         stamp = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         if stamp == "none":  # torchrun's id without --rdzv-id: every launch would share it
@@ -195,18 +206,38 @@ def default_name(cfg: TrainConfig) -> str:
     return f"{model}-{data}-{stamp}"
 
 
+def _model_part(model: str) -> str:
+    """`cnn` → `cnn`; `package.module:factory` → `factory`."""
+    return model.rsplit(":", 1)[-1]
+
+
+def _data_part(data: str) -> str:
+    """`imagefolder:PATH` → `imagefolder`; `package.module:factory` → `module`."""
+    return data.split(":", 1)[0].rsplit(".", 1)[-1]
+
+
+def choice_hint(value: str, allowed: Sequence[str]) -> str:
+    """`did you mean 'visdom'? choose one of ...` for a value outside `allowed`."""
+    close = difflib.get_close_matches(value, allowed, n=1)
+    suggestion = f"did you mean {close[0]!r}? " if close else ""
+    return f"{suggestion}choose one of {', '.join(allowed)}"
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise usage_error(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
+        raise usage_error(f"unknown {name} {value!r}: {choice_hint(value, allowed)}")
+
+
+def _unprintable(text: str) -> bool:
+    """Control characters and line breaks: they would break folder names, env names and log lines."""
+    return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text)
 
 
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no torch and no disk beyond the run dir's name."""
     if cfg.model not in MODELS and not IMPORT_PATH.match(cfg.model):
-        raise usage_error(
-            f"unknown model {cfg.model!r}: choose one of {', '.join(MODELS)} "
-            "or give an import path package.module:factory"
-        )
+        raise usage_error(f"unknown model {cfg.model!r}: {choice_hint(cfg.model, MODELS)} "
+                          "or give an import path package.module:factory")
     kind = cfg.data.split(":", 1)[0]
     if kind not in DATA_KINDS and not IMPORT_PATH.match(cfg.data):
         raise usage_error(
@@ -240,31 +271,31 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model in DENOISE_MODELS and cfg.image_size % 8:
         raise usage_error(f"{cfg.model} halves the image 3 times: image-size must be a multiple of 8, "
                           f"got {cfg.image_size}")
+    if cfg.profile and not (re.fullmatch(r"[1-9]\d*:[1-9]\d*", cfg.profile)
+                            and int(cfg.profile.split(":")[0]) <= int(cfg.profile.split(":")[1])):
+        raise usage_error(f"profile takes START:STOP steps with 1 <= START <= STOP, e.g. 10:15, "
+                          f"got {cfg.profile!r}")
     if "/" in cfg.name or cfg.name in (".", ".."):
         raise usage_error(f"name must be a plain folder name, got {cfg.name!r}")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    for key in ("name", "experiment"):
+        if _unprintable(getattr(cfg, key)):
+            raise usage_error(f"{key} must not contain control characters or line breaks, got {getattr(cfg, key)!r}")
+    if "_" in cfg.experiment:
+        raise usage_error(f"experiment must not contain '_' (Visdom groups envs at the first '_'), "
+                          f"got {cfg.experiment!r}")
 
 
 def dumps(cfg: TrainConfig) -> str:
-    """The resolved configuration as TOML (flat `[train]` table), loadable with `--config`."""
-    lines = ["# Resolved configuration of this run; reuse it with: runner train --config FILE", "[train]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in cfg.to_dict().items()]
-    return "\n".join(lines) + "\n"
+    """The resolved configuration as TOML (a `[train]` table), loadable with `--config`."""
+    header = "# Resolved configuration of this run; reuse it with: runner train --config FILE\n"
+    return header + tomli_w.dumps({"train": cfg.to_dict()})
 
 
 def save(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved configuration atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(dumps(cfg))
+    tmp.write_text(dumps(cfg), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -277,5 +308,3 @@ def parse_bytes(text: str) -> int:
     base = 1024 if suffix.lower().startswith("i") or not suffix else 1000
     power = " KMGT".index(unit.upper() or " ")
     return int(float(number) * base**power)
-
-

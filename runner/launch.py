@@ -91,9 +91,13 @@ def launch(cfg: TrainConfig) -> int:
     config_path = prepare_run_dir(cfg)
     if cfg.strategy == "ddp":
         cmd = torchrun_command(cfg, config_path)
-        # A fresh rendezvous store per restart: with the shared one, torch ≥ 2.5 hands a restarted group
-        # the old attempt's keys and its init hangs (pytorch#135712; see strategy._attempt_store).
-        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        if cfg.rdzv_endpoint and cfg.max_restarts:
+            # Restarts over several nodes: a fresh rendezvous store per attempt. With the shared one,
+            # torch ≥ 2.5 hands a restarted group the old attempt's keys and its init hangs (pytorch#135712);
+            # on one node the ranks keep attempts apart themselves (strategy._attempt_store). Only where
+            # needed, as the fresh store costs a race: torchrun picks its port by binding and closing a
+            # socket, rank 0 binds it seconds later, and anything on the machine may take it in between.
+            os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     else:
         cmd = [sys.executable, "-m", "runner.train", "--config", str(config_path)]
     from runner.procs.supervisor import supervise

@@ -1,7 +1,8 @@
 """What a workload means: its loss, its metric, and which images make a useful grid.
 
 Metrics are returned as *sums over the batch* on the device, so the loop can accumulate them
-without a host sync and divide once per log point.
+without a host sync and divide once per log point; grids stay on the device too (their labels are
+copied to the host without a sync, and the caption is written once the copy has landed).
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ def _primary(output: torch.Tensor | dict | tuple | list) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Grid:
-    """Images for a grid: rows of (N, C, H, W) tensors in display range [0, 1], and a caption."""
+    """Images for a grid: rows of (N, C, H, W) tensors in display range [0, 1], and a caption, which
+    `labels` ((2, N) predicted and true class per image, on the device) complete once on the host."""
 
     rows: list[torch.Tensor]
     caption: str
+    labels: torch.Tensor | None = None
+
+
+def label_caption(prefix: str, labels: list[list[int]]) -> str:
+    """A grid's caption completed with the host copy of its labels: `pred/true: 3/3 1/7 …`."""
+    return " ".join([prefix, *(f"{p}/{t}" for p, t in zip(*labels))])
 
 
 class ClassifyTask:
@@ -43,10 +51,8 @@ class ClassifyTask:
         return (_primary(output).argmax(dim=1) == target).sum().float()
 
     def grid(self, inputs: torch.Tensor, output: torch.Tensor, target: torch.Tensor, n: int = 8) -> Grid:
-        pred = _primary(output)[:n].argmax(dim=1).tolist()
-        true = target[:n].tolist()
-        caption = "pred/true: " + " ".join(f"{p}/{t}" for p, t in zip(pred, true))
-        return Grid([_display(inputs[:n])], caption)
+        labels = torch.stack([_primary(output)[:n].argmax(dim=1), target[:n]])
+        return Grid([_display(inputs[:n])], "pred/true:", labels)
 
 
 class DenoiseTask:

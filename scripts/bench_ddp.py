@@ -1,4 +1,4 @@
-"""What `runner train --strategy ddp --nproc 2` costs over a bare torchrun DDP script, wall clock.
+"""What `runner train --strategy ddp --nproc N` costs over a bare torchrun DDP script, wall clock.
 
 Not a test: run `.venv/bin/python scripts/bench_ddp.py` and read the table.
 
@@ -6,10 +6,10 @@ Both sides run the same workload end to end as a user would start it, process st
 the same model (runner's registry), the same data (runner's synthetic set, same seed), per-rank
 batch, optimizer (Adam), steps, DistributedSampler with set_epoch, DDP over gloo on CPU, and a final
 checkpoint by rank 0. The bare side is a plain DDP script (written below) under
-`python -m torch.distributed.run --standalone --nproc-per-node 2`. The runner side is the CLI: the
-supervisor, torchrun, and in every rank the runner's loop with its observability — rank 0 writes
-checkpoints (every 50 steps and at the end) and dashboard events, every rank samples its memory each
-step, log points reduce metrics and gather memory. Rows: `--viz none` (console only) and
+`python -m torch.distributed.run --standalone --nproc-per-node N` (`--nproc`, default 2). The runner
+side is the CLI: the supervisor, torchrun, and in every rank the runner's loop with its observability —
+rank 0 writes checkpoints (every 50 steps and at the end) and dashboard events, every rank samples its
+memory each step, log points reduce metrics and gather memory and step times. Rows: `--viz none` (console only) and
 `--viz tensorboard` (the default). Repetitions alternate bare/runner; a row's ratio is the median over
 repetitions of runner's time over the bare time of the same repetition.
 """
@@ -57,6 +57,7 @@ while step < steps:
 if dist.get_rank() == 0:
     torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, out)
 dist.destroy_process_group()
+os._exit(0)  # as runner's ranks end (runner/procs/rank_exit.py): gloo's threads abort 1 run in ~30 otherwise
 '''
 
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (gloo processes on this machine)")
     args = parser.parse_args()
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -84,12 +86,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
         script = Path(tmp) / "bare_ddp.py"
         script.write_text(BARE)
-        bare = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-                args.model, str(args.image_size), str(args.batch_size), str(args.samples), str(args.steps),
-                str(Path(tmp) / "bare.pt")]
+        bare = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+                str(script), args.model, str(args.image_size), str(args.batch_size), str(args.samples),
+                str(args.steps), str(Path(tmp) / "bare.pt")]
 
         def runner(viz: str, rep: int) -> list[str]:
-            return [sys.executable, "-m", "runner", "train", "--strategy", "ddp", "--nproc", "2",
+            return [sys.executable, "-m", "runner", "train", "--strategy", "ddp", "--nproc", str(args.nproc),
                     "--model", args.model, "--data", "synthetic", "--task", "classify",
                     "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                     "--samples", str(args.samples), "--steps", str(args.steps), "--optimizer", "adam",
@@ -106,7 +108,7 @@ def main() -> None:
                   ", ".join(f"{name} {times[-1]:.2f} s" for name, times in rows.items()), file=sys.stderr)
 
     base = rows["bare torchrun DDP"]
-    print(f"\n{args.model} {args.image_size}×{args.image_size}, batch {args.batch_size}/rank × 2 ranks, "
+    print(f"\n{args.model} {args.image_size}×{args.image_size}, batch {args.batch_size}/rank × {args.nproc} ranks, "
           f"{args.steps} steps, gloo on CPU, {args.repeats} repetitions (median)\n")
     print("| launch | wall (s) | ratio to bare |")
     print("|---|---|---|")

@@ -5,7 +5,9 @@ Not a test: run `python scripts/bench_overhead.py` (or `make bench`) and read th
 Workload, the same for every row: Tiny-UNet denoising synthetic 64×64 images (runner's synthetic
 set), batch 8, 200 steps, Adam, CPU, `torch.set_num_threads(2)`, DataLoader in the main process.
 Cadence where a row observes: scalars every step, memory every step, weight and gradient
-histograms and an image grid every 50 steps (and at step 1), the model graph once.
+histograms and an image grid every 50 steps (and at step 1), the model graph once. Every runner row
+also has the sinks every run gets whatever --viz says: the console and the diagnosis (the rules,
+findings.json, summary.json).
 
 Every row runs in this process: imports, process start-up and set-up (building the model and data
 set, tracing the model graph) are not measured. Measured: from the first step to the last event on disk — for runner, `Trainer.fit`

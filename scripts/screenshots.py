@@ -65,7 +65,8 @@ def main() -> None:
                    "--model", "tinyunet", "--image-size", "32", "--batch-size", "8", "--samples", "256",
                    "--steps", str(args.steps), "--log-every", "5", "--images-every", "50", "--hist-every", "50",
                    "--no-progress")
-            shoot(f"http://127.0.0.1:{vis}/env/demo", out / "visdom.png", ".window img", 1600, 1500, 3000)
+            env = "tinyunet-synthetic_demo"  # <experiment>_<run>: the experiment is <model>-<data>
+            shoot(f"http://127.0.0.1:{vis}/env/{env}", out / "visdom.png", ".window img", 1600, 1500, 3000)
             shoot(f"http://127.0.0.1:{tb}/#custom_scalars", out / "tensorboard.png", "text=process RSS (bytes)",
                   1400, 1000, 4000)
         finally:

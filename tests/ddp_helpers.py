@@ -1,6 +1,7 @@
-"""Import-path models for the DDP tests, and rank programs run under real torchrun.
+"""Import-path models and datasets for the DDP tests, and rank programs run under real torchrun.
 
-Models (`--model ddp_helpers:NAME`): the tutorial MLP, plus a side effect the test reads.
+Models (`--model ddp_helpers:NAME`): the tutorial MLP, plus a side effect the test reads (a dump, a
+SIGKILL, an exception). Datasets (`--data ddp_helpers:NAME`): one whose loading blocks on one rank.
 Rank programs: `python -m torch.distributed.run ... tests/ddp_helpers.py PROGRAM OUT_DIR`.
 """
 
@@ -12,16 +13,22 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
+from procs_helpers import FOREVER, mark
 from torch import nn
+from torch.utils.data import Dataset
 
 from runner.models import MLP
 
 DUMP_DIR = "RUNNER_TEST_DUMP_DIR"  # dumping_mlp: where each rank saves its final parameters
 KILL_STEP = "RUNNER_TEST_KILL_STEP"  # dying_mlp: the training step during which rank KILL_RANK dies
 KILL_RANK = "RUNNER_TEST_KILL_RANK"
+RAISE_STEP = "RUNNER_TEST_RAISE_STEP"  # raising_mlp: the training step in which rank 1 raises
+BLOCK_RANK = "RUNNER_TEST_BLOCK_RANK"  # rank_blocking_dataset: the rank whose loading blocks for good
+BLOCK_AFTER = "RUNNER_TEST_BLOCK_AFTER"  # ... after serving this many samples
 
 
 def dumping_mlp(channels: int, image_size: int, num_classes: int) -> nn.Module:
@@ -52,6 +59,74 @@ class DyingMLP(MLP):
 
 def dying_mlp(channels: int, image_size: int, num_classes: int) -> nn.Module:
     return DyingMLP(channels * image_size * image_size, num_classes)
+
+
+class RaisingMLP(MLP):
+    """Raises a RuntimeError (a user's bug, an out-of-memory error) in training forward call
+    RAISE_STEP on rank 1; rank 0 goes on into that step's collectives."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__(in_features, num_classes)
+        self.calls = 0
+        self.raise_at = int(os.environ[RAISE_STEP]) if os.environ.get("RANK") == "1" else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training
+        if self.raise_at and self.calls == self.raise_at:
+            raise RuntimeError(f"boom in step {self.calls}")
+        return super().forward(x)
+
+
+def raising_mlp(channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return RaisingMLP(channels * image_size * image_size, num_classes)
+
+
+class RankBlockingDataset(Dataset):
+    """Synthetic images; on rank BLOCK_RANK, after BLOCK_AFTER samples, `__getitem__` blocks for good
+    (a hung network read), leaving a `blocked-<pid>` marker (procs_helpers.mark) first."""
+
+    def __init__(self, size: int, channels: int) -> None:
+        self.size, self.channels = size, channels
+        self.served = 0
+        blocked = os.environ.get("RANK") == os.environ.get(BLOCK_RANK, "1")
+        self.block_after = int(os.environ.get(BLOCK_AFTER, "16")) if blocked else -1
+
+    def __len__(self) -> int:
+        return 256
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.served += 1
+        if self.block_after >= 0 and self.served > self.block_after:
+            mark("blocked")
+            while True:
+                time.sleep(FOREVER)
+        return torch.full((self.channels, self.size, self.size), float(index % 2)), index % 2
+
+
+def rank_blocking_dataset(image_size: int, channels: int) -> RankBlockingDataset:
+    return RankBlockingDataset(image_size, channels)
+
+
+class HalfUnreadableDataset(Dataset):
+    """Two-class images where every odd index is unreadable (an OSError, as PIL raises for a corrupt
+    file): with batch size 1, a rank gets batches with no readable sample at all, others do not."""
+
+    def __init__(self, size: int, channels: int, samples: int = 64) -> None:
+        self.size, self.channels, self.samples = size, channels, samples
+        self.targets = [(i // 2) % 2 for i in range(samples)]
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index % 2:
+            raise OSError(f"sample {index}: cannot identify image file")
+        label = self.targets[index]
+        return torch.full((self.channels, self.size, self.size), float(label)), label
+
+
+def half_unreadable_dataset(image_size: int, channels: int) -> HalfUnreadableDataset:
+    return HalfUnreadableDataset(image_size, channels)
 
 
 # --- rank programs ---------------------------------------------------------------------------
@@ -92,12 +167,13 @@ def save_then_load(out: Path) -> dict[str, object]:
         reader = threading.Thread(target=read_nonstop, args=(trainer.ckpt_path,))
         for step in range(1, 21):
             trainer.step = step
+            model = strategy.unwrap(trainer.model)
             with torch.no_grad():
-                trainer.model.net[1].bias.fill_(float(step))
+                model.net[1].bias.fill_(float(step))
             trainer.save_checkpoint()
             state = checkpoint.load(trainer.ckpt_path)
             assert state["step"] == step, f"rank {strategy.rank} loaded step {state['step']} after saving {step}"
-            assert torch.equal(state["model"]["net.1.bias"], trainer.model.net[1].bias.cpu())
+            assert torch.equal(state["model"]["net.1.bias"], model.net[1].bias.cpu())
             if step == 1 and strategy.rank == 1:
                 reader.start()
             strategy.barrier()  # as a training step's collectives would: the next save waits for this load
@@ -128,6 +204,9 @@ def teardown(out: Path) -> dict[str, object]:
 PROGRAMS = {"save_then_load": save_then_load, "teardown": teardown}
 
 if __name__ == "__main__":
-    program, out_dir = sys.argv[1], Path(sys.argv[2])
-    result = PROGRAMS[program](out_dir)
-    (out_dir / f"{program}.rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+    from runner.procs.rank_exit import exit_code_noted
+
+    with exit_code_noted():
+        program, out_dir = sys.argv[1], Path(sys.argv[2])
+        result = PROGRAMS[program](out_dir)
+        (out_dir / f"{program}.rank{os.environ['RANK']}.json").write_text(json.dumps(result))

@@ -16,17 +16,21 @@ from torch.utils.data import Dataset
 class OutOfMemoryModel(nn.Module):
     """The tutorial MLP whose training forward raises torch.OutOfMemoryError at call `at_call`
     (counting real training calls only: not estimates on fake tensors, not eval-mode graph tracing)
-    or for any batch larger than `max_batch`."""
+    or for any batch larger than `max_batch`; with `cudnn`, the RuntimeError a cuDNN 9 workspace
+    allocation failure raises instead."""
 
-    def __init__(self, in_features: int, num_classes: int, at_call: int = 0, max_batch: int = 0) -> None:
+    def __init__(self, in_features: int, num_classes: int, at_call: int = 0, max_batch: int = 0,
+                 cudnn: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU(), nn.Linear(32, num_classes))
-        self.at_call, self.max_batch, self.calls = at_call, max_batch, 0
+        self.at_call, self.max_batch, self.calls, self.cudnn = at_call, max_batch, 0, cudnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and not is_fake(x):
             self.calls += 1
             if self.calls == self.at_call or 0 < self.max_batch < x.shape[0]:
+                if self.cudnn:
+                    raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
                 raise torch.OutOfMemoryError(
                     f"CUDA out of memory. Tried to allocate 2.00 GiB (injected: call {self.calls}, batch "
                     f"{x.shape[0]}). GPU 0 has a total capacity of 8.00 GiB of which 1.00 GiB is free.")
@@ -39,6 +43,11 @@ OOM_STEP = 3
 def oom_at_step_3(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """Steps 1 and 2 train; step 3 runs out of memory in forward."""
     return OutOfMemoryModel(in_channels * image_size * image_size, num_classes, at_call=OOM_STEP)
+
+
+def cudnn_failure_at_step_3(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """Steps 1 and 2 train; step 3's forward fails to allocate a cuDNN workspace (a RuntimeError)."""
+    return OutOfMemoryModel(in_channels * image_size * image_size, num_classes, at_call=OOM_STEP, cudnn=True)
 
 
 def oom_above_batch_4(in_channels: int, image_size: int, num_classes: int) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from runner import config
 from runner.errors import RunnerError
@@ -62,3 +63,41 @@ def test_parse_bytes() -> None:
     assert config.parse_bytes("1G") == 1024**3
     with pytest.raises(RunnerError):
         config.parse_bytes("lots")
+
+
+@pytest.mark.parametrize("text", ['say "hi"', "back\\slash\\", "ünïcödé 名前", "it's", "a = 1 # no", "[train]"])
+def test_any_printable_string_round_trips(tmp_path: Path, text: str) -> None:
+    cfg = config.resolve(None, {"name": text.replace("/", ""), "data": f"imagefolder:{text}", "memory_budget": text,
+                                "gpus": text})
+    config.save(cfg, tmp_path / "config.toml")
+    assert config.resolve(str(tmp_path / "config.toml"), {}) == cfg
+
+
+@pytest.mark.parametrize("key, value", [("name", "a\nb"), ("name", "nul\x00"), ("name", "esc\x1b[31m"),
+                                        ("experiment", "line\u2028sep")])
+def test_control_characters_in_names_are_refused(tmp_path: Path, key: str, value: str) -> None:
+    with pytest.raises(RunnerError, match=f"{key} must not contain control characters") as err:
+        config.resolve(None, {"name": "x", key: value})
+    assert err.value.code == 2 and "\n" not in str(err.value)
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps({"train": {key: value}}), encoding="utf-8")
+    with pytest.raises(RunnerError, match="must not contain control characters"):
+        config.resolve(str(path), {"name": "x"} if key != "name" else {})
+
+
+def test_misspelt_choices_get_a_suggestion() -> None:
+    with pytest.raises(RunnerError, match=r"unknown viz 'visdmo': did you mean 'visdom'\? choose one of none,"):
+        config.resolve(None, {"name": "x", "viz": "visdmo"})
+    with pytest.raises(RunnerError, match=r"unknown model 'resnet81': did you mean 'resnet18'\?.*import path"):
+        config.resolve(None, {"name": "x", "model": "resnet81"})
+    with pytest.raises(RunnerError, match=r"unknown strategy 'zzz': choose one of single, dp, ddp$"):
+        config.resolve(None, {"name": "x", "strategy": "zzz"})
+
+
+def test_experiment_defaults_to_model_and_data_kind() -> None:
+    assert config.resolve(None, {"name": "x", "model": "cnn", "data": "mnist:/d"}).experiment_name == "cnn-mnist"
+    user = config.TrainConfig(model="my_pkg.models:tiny_net", data="my_pkg.sets:make")
+    assert user.experiment_name == "tiny-net-sets"
+    assert config.resolve(None, {"name": "x", "experiment": "ablation-3"}).experiment_name == "ablation-3"
+    with pytest.raises(RunnerError, match="experiment must not contain '_'"):
+        config.resolve(None, {"name": "x", "experiment": "a_b"})

@@ -120,7 +120,7 @@ def test_base_url_for_a_reverse_proxy(tmp_path: Path) -> None:
         conn.connect()
         windows = json.loads(conn.post(Message.of("win_data", {"eid": "proxied", "win": None})))
         conn.close()
-        assert line(by_title(windows)["train/loss"])["loss"] == ([1], [0.5])
+        assert line(by_title(windows)["loss"])["loss"] == ([1], [0.5])
     finally:
         _dashboards("down", "--run-dir", str(runs))
 

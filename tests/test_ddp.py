@@ -1,6 +1,7 @@
 """DataParallel and DDP: the torchrun command, run names every rank agrees on, DDP == one process
-with the ranks' batches together, dp checkpoints, multi-node, elastic restarts, per-rank memory on
-the dashboards, save-then-load and teardown on every exit path. Real torchrun, gloo, CPU.
+with the ranks' batches together, dp checkpoints, multi-node, elastic restarts, per-rank memory and
+time on the dashboards (4 ranks), save-then-load and teardown on every exit path, a failing rank,
+and how a rank process ends. Real torchrun, gloo, CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from ddp_helpers import DUMP_DIR, KILL_RANK, KILL_STEP
+from ddp_helpers import DUMP_DIR, KILL_RANK, KILL_STEP, RAISE_STEP
 from runner.config import TrainConfig, default_name, resolve
 from runner.data import EpochSampler, ResumableDistributedSampler
 from runner.errors import RunnerError
@@ -45,9 +46,16 @@ def _torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+): one found free with port 0 is a port any
+    outgoing connection on the machine may take before the rendezvous binds it, seconds later."""
+    for port in range(29600, 29700):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 29600-29699")
 
 
 def _params(path: Path) -> dict[str, torch.Tensor]:
@@ -297,6 +305,33 @@ def test_every_ranks_memory_reaches_rank_0s_event_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_four_ranks_with_every_stream_on(tmp_path: Path) -> None:
+    """4 gloo ranks, TensorBoard and Visdom, memory every step, histograms, images, the graph: it finishes,
+    and rank 0's dashboards show every rank's memory (each step) and step time (each log point)."""
+    from visdom import Visdom
+
+    from tests.visdom_helpers import VisdomServer
+
+    with VisdomServer(tmp_path / "envs") as server:
+        out = run_runner("train", "--strategy", "ddp", "--nproc", "4", "--model", "cnn", "--image-size", "8",
+                         "--batch-size", "2", "--samples", "64", "--steps", "6", "--log-every", "3",
+                         "--memory-every", "1", "--hist-every", "3", "--images-every", "3", "--graph",
+                         "--no-progress", "--device", "cpu", "--viz", "both", "--visdom-url", server.url,
+                         "--run-dir", str(tmp_path), "--name", "four", timeout=300)
+        assert out.code == 0, out.stderr
+        envs = [env for env in Visdom(server="http://127.0.0.1", port=server.port, raise_exceptions=True).get_env_list()
+                if env.endswith("four")]
+        assert len(envs) == 1, envs
+        assert len(server.windows(envs[0])) > 5  # scalars, memory, images, histograms, text
+    events = _events(tmp_path / "four")
+    tags = set(events.Tags()["scalars"])
+    for rank in range(4):
+        assert [e.step for e in events.Scalars(f"memory/rss/rank{rank}")] == [1, 2, 3, 4, 5, 6]
+        assert [e.step for e in events.Scalars(f"time/step_ms/rank{rank}")] == [3, 6], sorted(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
+
+
+@pytest.mark.slow
 def test_a_stop_signal_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
     """Ctrl+C reaches the ranks between different steps; they agree at the next log point, stop
     there together, checkpoint it and exit 130 (no rank left waiting in a collective)."""
@@ -337,6 +372,46 @@ def test_a_failing_ddp_run_destroys_its_process_group(tmp_path: Path) -> None:
         result = json.loads((tmp_path / f"teardown.rank{rank}.json").read_text())
         assert "NaN" in result["error"]
         assert result["initialized_after"] is False
+
+
+@pytest.mark.slow
+def test_a_failing_rank_takes_the_run_down_with_one_line(tmp_path: Path) -> None:
+    """Rank 1 raises in step 3 while rank 0 waits for it in that step's collective: the run ends
+    promptly (no torchrun report, no rank left waiting) and its last line says which rank failed and why."""
+    out = run_runner("train", "--strategy", "ddp", "--nproc", "2", "--model", "ddp_helpers:raising_mlp", *FAST,
+                     "--batch-size", "4", "--steps", "20", "--viz", "none", "--run-dir", str(tmp_path),
+                     "--name", "fails", env={RAISE_STEP: "3"}, timeout=120)
+    assert out.code == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "runner: error: rank 1 failed: RuntimeError: boom in step 3 (the other ranks were ended)")
+    assert "ChildFailedError" not in out.stderr and "SIGABRT" not in out.stderr
+
+
+RANK_EXIT_PROGRAM = """
+import atexit, sys
+from pathlib import Path
+from runner.procs import rank_exit
+out = Path(sys.argv[1])
+atexit.register(lambda: out.joinpath("before").write_text("ran"))  # registered before arm(): skipped
+rank_exit.arm()
+atexit.register(lambda: out.joinpath("after").write_text("ran"))  # the user's handler: runs
+with rank_exit.exit_code_noted():
+    print("flushed at exit", end="")
+    {body}
+"""
+
+
+@pytest.mark.parametrize(("body", "code"), [("pass", 0), ("sys.exit(3)", 3), ("sys.exit('bad')", 1),
+                                            ("raise ValueError('x')", 1)])
+def test_a_rank_ends_after_later_atexit_handlers_without_finalizing(tmp_path: Path, body: str, code: int) -> None:
+    """rank_exit: the exit code the entry point would have had, handlers registered after arm() run,
+    output is flushed, and interpreter finalization (where gloo's threads abort the process) is skipped."""
+    program = RANK_EXIT_PROGRAM.format(body=body)
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert done.stdout == "flushed at exit"
+    assert (tmp_path / "after").is_file() and not (tmp_path / "before").exists()
 
 
 # --- CUDA (skipped without a GPU) ------------------------------------------------------------

@@ -1,11 +1,10 @@
 """Memory: the four-part estimate (`runner memory`), the live estimate events, --batch-size auto,
-the out-of-memory post-mortem and --oom retry, and AMP on CPU. GPU-only paths skip without CUDA."""
+the out-of-memory post-mortem and --oom retry, and AMP on CPU. The CUDA paths: tests/test_gpu_memory.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from runner.train import checkpoint
 from tests.conftest import ROOT, run_runner
 from tests.memory_helpers import INDEX_LOG, OOM_STEP
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 QUIET = ["--no-progress", "--image-size", "16", "--samples", "32"]
 
 
@@ -134,6 +132,14 @@ def test_memory_command_does_not_import_torch_at_import() -> None:
     code = "import sys, runner.cli, runner.memory.commands; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_memory_modules_do_not_import_the_trainer() -> None:
+    """The loop imports the post-mortem; nothing under runner/memory may import the loop back."""
+    code = ("import sys, runner.memory.auto_batch, runner.memory.live, runner.memory.postmortem, runner.memory.trial\n"
+            "print(sorted(m for m in sys.modules if m.startswith('runner.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_bad_input_shape_is_a_usage_error(cli) -> None:
@@ -264,6 +270,42 @@ def test_oom_retry_mid_epoch_goes_on_from_the_same_sample(cli, tmp_path: Path, m
     assert order[12:16] == order[8:12]
 
 
+
+def test_cudnn_allocation_failure_gets_the_post_mortem(cli, tmp_path: Path) -> None:
+    """cuDNN reports a failed workspace allocation as a RuntimeError, not torch.OutOfMemoryError."""
+    out = cli("train", "--model", "memory_helpers:cudnn_failure_at_step_3", "--batch-size", "4", "--steps", "10",
+              "--log-every", "1", "--checkpoint-every", "100", "--viz", "none", "--run-dir", str(tmp_path),
+              "--name", "cudnn", *QUIET)
+    assert out.code == 1
+    assert f"out of memory at step {OOM_STEP} (batch 4 on cpu): cuDNN error: " in out.stderr
+    assert "Traceback" not in out.stderr
+    assert (tmp_path / "cudnn" / "oom" / "diagnosis.txt").is_file()
+    assert checkpoint.load(tmp_path / "cudnn" / "checkpoints" / "last.pt")["step"] == OOM_STEP - 1
+
+
+def test_oom_in_the_optimizer_step_saves_nothing(cli, tmp_path: Path) -> None:
+    """Out of memory while the optimizer updates: the weights may be half-updated, so no checkpoint."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    calls = []
+
+    def fail_third_update(_optimizer, _args, _kwargs) -> None:
+        calls.append(1)
+        if len(calls) == OOM_STEP:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (injected in step)")
+
+    handle = register_optimizer_step_pre_hook(fail_third_update)
+    try:
+        out = cli("train", "--model", "mlp", "--batch-size", "4", "--steps", "10", "--log-every", "1",
+                  "--checkpoint-every", "100", "--viz", "none", "--run-dir", str(tmp_path), "--name", "upd", *QUIET)
+    finally:
+        handle.remove()
+    assert out.code == 1 and "Traceback" not in out.stderr
+    assert f"out of memory at step {OOM_STEP} " in out.stderr
+    assert "nothing saved: the error hit while the optimizer was updating" in out.stderr
+    assert not (tmp_path / "upd" / "checkpoints" / "last.pt").exists()
+
+
 # --- AMP -------------------------------------------------------------------------------------------
 
 def test_amp_on_cpu_trains_under_bfloat16_autocast(tmp_path: Path) -> None:
@@ -276,62 +318,10 @@ def test_amp_on_cpu_trains_under_bfloat16_autocast(tmp_path: Path) -> None:
                          "device": "cpu", "viz": "none", "progress": False, "run_dir": str(tmp_path), "name": "amp"})
     trainer = Trainer(cfg, make_strategy(cfg))
     dtypes: list[torch.dtype] = []
-    trainer.model.features[0].register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    trainer.raw_model.features[0].register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     try:
         assert trainer.fit(Hub([])) == 0
     finally:
         trainer.close()
     assert trainer.scaler is None and dtypes == [torch.bfloat16] * 3
-    assert math.isfinite(trainer.last_good["train/loss"])
-
-
-# --- GPU only --------------------------------------------------------------------------------------
-
-@gpu
-def test_measured_peak_is_printed_beside_the_estimate(cli) -> None:
-    args = ["memory", "--model", "cnn", "--input-shape", "3,64,64", "--batch-size", "128", "--device", "cuda"]
-    out = cli(*args, "--json")
-    assert out.code == 0, out.stderr
-    data = json.loads(out.stdout)
-    measured = data["measured"]
-    assert measured["peak"] > 0 and measured["estimate"] == data["bytes"]["fp32"]["total"]
-    # the four parts leave out backward's transient gradients and cuDNN workspaces: within ±60%
-    assert abs(measured["error_percent"]) < 60, measured
-    table = cli(*args)
-    assert "measured peak on cuda" in table.stdout and "%)" in table.stdout
-
-
-@gpu
-@pytest.mark.slow
-def test_real_cuda_oom_writes_summary_and_snapshot(tmp_path: Path) -> None:
-    out = run_runner("train", "--model", "unet", "--image-size", "2048", "--batch-size", "8", "--samples", "8",
-                     "--steps", "2", "--memory-snapshot", "--viz", "none", "--no-progress", "--no-graph",
-                     "--device", "cuda",
-                     "--run-dir", str(tmp_path), "--name", "big")
-    assert out.code == 1, out.stderr
-    assert "runner: error: out of memory at step 1" in out.stderr and "Traceback" not in out.stderr
-    folder = tmp_path / "big" / "oom"
-    assert "PyTorch CUDA memory summary" in (folder / "memory_summary.txt").read_text()
-    with open(folder / "memory_snapshot.pickle", "rb") as fh:
-        snapshot = pickle.load(fh)
-    assert "segments" in snapshot and "device_traces" in snapshot
-    assert checkpoint.load(tmp_path / "big" / "checkpoints" / "last.pt")["step"] == 0
-
-
-@gpu
-def test_auto_batch_on_cuda_runs_real_trials(cli, tmp_path: Path) -> None:
-    out = cli("train", "--model", "cnn", "--image-size", "32", "--samples", "64", "--batch-size", "auto",
-              "--steps", "2", "--viz", "none", "--no-progress", "--device", "cuda", "--run-dir", str(tmp_path),
-              "--name", "gpu-auto")
-    assert out.code == 0, out.stderr
-    # trials up to 80 (64 / 0.8) all fit: 80% of the largest is the whole set
-    assert "peak" in out.stderr and "largest that fits 80 " in out.stderr and "using 64 (80% of it)" in out.stderr
-
-
-@gpu
-def test_amp_on_cuda_logs_the_scaler_scale(cli, tmp_path: Path) -> None:
-    out = cli("train", "--model", "cnn", "--image-size", "32", "--batch-size", "8", "--steps", "3", "--amp",
-              "--log-every", "1", "--device", "cuda", "--no-progress", "--samples", "32",
-              "--run-dir", str(tmp_path), "--name", "gpu-amp")
-    assert out.code == 0, out.stderr
-    assert [s.value for s in _events(tmp_path / "gpu-amp").Scalars("train/amp_scale")][0] > 0
+    assert math.isfinite(trainer.last_scalars["train/loss"])

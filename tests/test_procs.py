@@ -196,7 +196,8 @@ def test_stop_signal_to_the_workers_too(tmp_path: Path, markers: Path, sig: int,
 
     os.killpg(trainer.pid, sig)
     assert wait_exit(trainer, tmp_path) == code
-    assert not [pid for pid, start in members.items() if running(pid, start)]
+    # No supervisor reaps here: spawn's resource tracker leaves by itself once the trainer is gone, a moment later.
+    wait_for(lambda: not [pid for pid, start in members.items() if running(pid, start)], EXIT, "the run's processes")
     assert checkpoint.load(last)["step"] >= 1
     log = (tmp_path / "run.log").read_text()
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
@@ -223,6 +224,28 @@ def test_second_ctrl_c_kills_the_run_at_once(tmp_path: Path, markers: Path) -> N
 
     assert not [pid for pid, start in members.items() if running(pid, start)]
     assert checkpoint.load(tmp_path / "runs" / "slow" / "checkpoints" / "last.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_ends_a_ddp_run_whose_rank_is_blocked_in_data_loading(tmp_path: Path, markers: Path) -> None:
+    """Rank 1's `__getitem__` blocks for good, so the ranks can never agree on a step to stop after:
+    one SIGINT to the supervisor ends every process of the run (exit 130), no second Ctrl+C needed."""
+    env = child_env(tmp_path, RUNNER_TEST_BLOCK_AFTER="12")
+    sup = start_run(tmp_path, env, *TINY, "--model", "mlp", "--data", "ddp_helpers:rank_blocking_dataset",
+                    "--strategy", "ddp", "--nproc", "2", "--name", "blocked")
+    wait_for(lambda: marked(markers, "blocked"), STARTUP, "rank 1 to block in __getitem__", sup)
+    time.sleep(0.5)  # rank 0 goes on into the step's collective, where it waits for rank 1
+    run = only_run()
+    members = tagged(TAG_ENV, run.id)
+    assert len(members) >= 3  # torchrun and both ranks
+
+    started = time.monotonic()
+    os.kill(sup.pid, signal.SIGINT)
+    assert wait_exit(sup, tmp_path) == 130
+    print(f"exit {time.monotonic() - started:.2f} s after one SIGINT")
+    assert not [pid for pid, start in members.items() if running(pid, start)]
+    assert not tagged(TAG_ENV, run.id)
+    assert "did not all go on" in (tmp_path / "run.log").read_text()
 
 
 # --- the supervisor ------------------------------------------------------------------------------
@@ -532,9 +555,34 @@ def test_shm_only_the_true_leak_is_removed(tmp_path: Path, markers: Path) -> Non
 
 def test_procs_and_cleanup_do_not_import_torch() -> None:
     code = ("import sys, runner.procs.cleanup, runner.procs.commands, runner.procs.supervisor, "
-            "runner.procs.run_status, runner.procs.worker_guard, runner.procs.signals\n"
+            "runner.procs.run_status, runner.procs.worker_guard, runner.procs.signals, runner.procs.control, "
+            "runner.procs.rank_exit\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_rank_notes_reach_only_the_recorded_supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """control.tell: the note is written whole and SIGUSR1 reaches the supervisor named by pid and start
+    time; with no supervisor, or one whose pid now names another process, nothing is sent."""
+    from runner.procs import control
+
+    got: list[int] = []
+    previous = signal.signal(control.NOTICE, lambda signum, _frame: got.append(signum))
+    try:
+        assert not control.tell("alive-0")  # no supervisor in the environment
+        monkeypatch.setenv(control.DIR_ENV, str(tmp_path))
+        me = os.getpid()
+        monkeypatch.setenv(control.SUPERVISOR_ENV, f"{me}:{proc_table.start_ticks(me)}")
+        assert control.tell("alive-0") and control.tell("failed-123", "rank 1 failed: RuntimeError: boom")
+        assert control.tell("alive-1")
+        wait_for(lambda: len(got) == 3, 5, "three notices")
+        notes = control.Notes.read(tmp_path)
+        assert notes.alive == {0, 1} and notes.failed == {123: "rank 1 failed: RuntimeError: boom"}
+        monkeypatch.setenv(control.SUPERVISOR_ENV, f"{me}:{proc_table.start_ticks(me) - 1}")  # pid reused
+        assert not control.tell("alive-2")
+        assert len(got) == 3
+    finally:
+        signal.signal(control.NOTICE, previous)
 
 
 def test_gpu_memory_per_process() -> None:

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
 from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-from dashboards.crc32c import masked_crc32c
+from dashboards.event_file import masked_crc32c
 from dashboards.tensorboard import TensorBoardSink
 from runner.models import build_model
-from runner.telemetry.events import ImageGrid, MemorySample, Scalar
+from runner.telemetry.events import HParams, ImageGrid, MemorySample, Scalar
 from runner.telemetry.tensor_stats import parameter_stats
+from tests.conftest import ROOT, run_runner
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress", "--resume", "never",
         "--viz", "tensorboard"]
@@ -118,9 +131,12 @@ def test_config_status_hparams_and_layout_in_one_folder(unet_run: tuple[Path, Ev
     assert status[0].startswith("training tinyunet") and status[-1] == "finished at step 6"
     assert set(events.PluginTagToContent("hparams")) >= {"_hparams_/session_start_info", "_hparams_/experiment"}
     layout = Layout.FromString(events.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
-    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
-    assert charts["loss"] == ["^train/loss$"] and "memory/rss" in charts["process RSS (bytes)"][0]
-    assert "train/samples_per_s" in charts["throughput (samples/s)"][0]
+    categories = {category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+                  for category in layout.category}
+    assert list(categories) == ["loss and optimiser", "metric", "time", "memory", "system", "histograms"]
+    assert categories["loss and optimiser"]["loss"] == ["^(?:train/loss)$"]
+    assert "memory/rss" in categories["memory"]["process RSS (bytes)"][0]
+    assert "train/samples_per_s" in categories["time"]["throughput (samples/s)"][0]
     assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoints"]  # hparams: no sub-run
 
 
@@ -202,20 +218,165 @@ def test_record_checksum_matches_tensorboards(size: int) -> None:
     assert masked_crc32c(data) == reference_crc(data)
 
 
-def test_the_sink_writes_its_records_with_the_vectorised_checksum(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """TensorBoard's own pure-Python checksum (0.2 µs a byte) is not used for the sink's records."""
-    from tensorboard.summary.writer import record_writer
+def test_the_sink_never_uses_tensorboards_pure_python_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard's own CRC (0.2 µs a byte) is not on the sink's path; its reader accepts the records."""
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 
     def refuse(data: bytes) -> int:
         raise AssertionError("TensorBoard's pure-Python CRC was used")
 
+    monkeypatch.setattr(pywrap_tensorflow, "masked_crc32c", refuse)
     sink = TensorBoardSink(tmp_path)
-    monkeypatch.setattr(record_writer, "masked_crc32c", refuse)
     for step in (1, 2):
         sink.write(Scalar(tag="train/loss", step=step, value=0.5))
         sink.write(ImageGrid(tag="images/samples", step=step, image=np.random.rand(3, 40, 60)))
-    sink.close()  # the writer thread's error would surface here
+    sink.close()
     monkeypatch.undo()
-    events = read(tmp_path)
+    events = read(tmp_path)  # the reader checks every record's CRC with TensorBoard's own
     assert steps(events, "train/loss") == [1, 2] and len(events.Images("images/samples")) == 2
+
+
+# --- HParams: in the table from the start, completed at the end --------------------------------
+
+def hparams_data(events: EventAccumulator) -> dict[str, plugin_data_pb2.HParamsPluginData]:
+    """tag → the HParams plugin data written under it (experiment, session start, session end)."""
+    return {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+            for tag, content in events.PluginTagToContent("hparams").items()}
+
+
+def test_hparams_open_the_session_at_the_start_and_close_it_with_the_status(tmp_path: Path) -> None:
+    hparams = {"model": "cnn", "lr": 0.01, "amp": False, "batch_size": 4, "extra": [1, 2]}
+    for name, status, expected in (("ok", "finished", api_pb2.STATUS_SUCCESS),
+                                   ("broken", "failed: disk full", api_pb2.STATUS_FAILURE),
+                                   ("stopped", "stopped by SIGINT at step 3", api_pb2.STATUS_UNKNOWN)):
+        sink = TensorBoardSink(tmp_path / name)
+        sink.write(HParams(tag="hparams", step=0, hparams=hparams, metrics={"train/loss": math.nan}, status="running"))
+        started = hparams_data(read(tmp_path / name))  # on disk before the first step: a SIGKILL keeps it
+        assert set(started) == {"_hparams_/experiment", "_hparams_/session_start_info"}
+        sink.write(Scalar(tag="train/loss", step=3, value=0.25))
+        sink.write(HParams(tag="hparams", step=3, hparams=hparams, metrics={"train/loss": 0.25}, status=status))
+        sink.close()
+        data = hparams_data(read(tmp_path / name))
+        experiment = data["_hparams_/experiment"].experiment
+        assert [m.name.tag for m in experiment.metric_infos] == ["train/loss"]
+        assert sorted(h.name for h in experiment.hparam_infos) == sorted(hparams)
+        start = data["_hparams_/session_start_info"].session_start_info
+        assert start.group_name == name  # one row per run, even for runs with the same hparams
+        assert (start.hparams["model"].string_value, start.hparams["lr"].number_value) == ("cnn", 0.01)
+        assert start.hparams["amp"].bool_value is False and start.hparams["extra"].string_value == "[1, 2]"
+        assert data["_hparams_/session_end_info"].session_end_info.status == expected, name
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_run_is_in_the_hparams_table(tmp_path: Path) -> None:
+    """`runner train`, its trainer SIGKILLed after a few steps: experiment and session start are on disk
+    (the session never ended), and the scalars its metric column reads are there too."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}")
+    env.pop("RUNNER_IN_PROCESS", None)
+    run = tmp_path / "runs" / "killed"
+    with open(tmp_path / "run.log", "wb") as log:
+        sup = subprocess.Popen([sys.executable, "-m", "runner", "train", "--model", "mlp", "--image-size", "8",
+                                "--batch-size", "4", "--steps", "100000", "--log-every", "1", "--no-progress",
+                                "--resume", "never", "--viz", "tensorboard", "--device", "cpu", "--name", "killed",
+                                "--run-dir", str(tmp_path / "runs")],
+                               env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run.is_dir() and len(read(run).Tags()["scalars"]) and len(steps(read(run), "train/loss")) >= 3):
+            assert sup.poll() is None, (tmp_path / "run.log").read_text()
+            assert time.monotonic() < deadline, "no logged steps within 120 s"
+            time.sleep(0.5)
+        (trainer,) = [p for p in psutil.Process(sup.pid).children(recursive=True)
+                      if "runner.train" in " ".join(p.cmdline())]
+        trainer.kill()
+        assert sup.wait(30) != 0
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, signal.SIGKILL)
+            sup.wait(10)
+    events = read(run)
+    data = hparams_data(events)
+    assert "_hparams_/session_end_info" not in data  # killed: it never ended
+    experiment = data["_hparams_/experiment"].experiment
+    assert "train/loss" in [m.name.tag for m in experiment.metric_infos]
+    start = data["_hparams_/session_start_info"].session_start_info
+    assert start.hparams["model"].string_value == "mlp" and start.hparams["batch_size"].number_value == 4
+    assert steps(events, "train/loss")[:3] == [1, 2, 3]
+
+
+# --- `runner dashboards up`: every image grid, not TensorBoard's sample of 10 ---------------------
+
+def free_port(ports: range = range(6100, 6200)) -> int:
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports}")  # TensorBoard servers of this file: ports 6100-6199
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_dashboards_up_serves_every_image_step(tmp_path: Path) -> None:
+    from dashboards import servers
+
+    runs = tmp_path / "runs"
+    sink = TensorBoardSink(runs / "grids")
+    image_steps = list(range(1, 26))  # 25 grids: TensorBoard's default keeps 10 of them
+    for step in image_steps:
+        sink.write(ImageGrid(tag="images/samples", step=step, image=np.random.rand(3, 8, 8)))
+    sink.close()
+    tb, vis = free_port(), free_port(range(6199, 6099, -1))
+    result = run_runner("dashboards", "up", "--run-dir", str(runs), "--tb-port", str(tb), "--visdom-port", str(vis))
+    try:
+        assert result.code == 0, result.stderr
+        server = servers.recorded(runs)["tensorboard"]
+        assert f"--samples_per_plugin={servers.SAMPLES_PER_PLUGIN}" in psutil.Process(server.pid).cmdline()
+        query = f"?run=grids&tag={urllib.parse.quote('images/samples')}"
+        deadline, served = time.monotonic() + 60, []
+        while len(served) < len(image_steps) and time.monotonic() < deadline:  # it loads the folder in the background
+            time.sleep(1)
+            served = [e["step"] for e in get_json(f"http://127.0.0.1:{tb}/data/plugin/images/images{query}")]
+        assert served == image_steps
+    finally:
+        assert run_runner("dashboards", "down", "--run-dir", str(runs)).code == 0
+
+
+# --- the graph on every torch release pyproject allows --------------------------------------------
+
+def test_the_graph_helpers_were_checked_on_every_torch_release_pyproject_allows() -> None:
+    """A new lower bound in pyproject, or a torch newer than the releases checked, fails here first."""
+    import re
+    import tomllib
+
+    from runner.telemetry.model_graph import GRAPH_HELPERS_CHECKED, torch_release
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (lowest,) = [re.search(r"torch>=([\d.]+)", d)[1] for d in dependencies if re.match(r"torch\b", d)]
+    assert GRAPH_HELPERS_CHECKED[0] <= torch_release(lowest)
+    assert GRAPH_HELPERS_CHECKED[0] <= torch_release() <= GRAPH_HELPERS_CHECKED[1]
+    assert torch_release("2.14.1+cu130") == (2, 14) and torch_release("2.15.0a0+git1234") == (2, 15)
+
+
+def test_a_torch_without_the_private_graph_helpers_gets_the_layer_table(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.tensorboard._pytorch_graph as helpers
+
+    from runner.telemetry.model_graph import trace_graph
+
+    model, example = build_model("cnn", 3, 16, 10), torch.rand(2, 3, 16, 16)
+    assert trace_graph(model, example).graph_def is not None  # this torch: the graph
+    monkeypatch.delattr(helpers, "parse")  # a release that renamed it
+    event = trace_graph(model, example)
+    assert event.graph_def is None and f"torch {torch.__version__}" in event.error
+    assert "lacks the private graph helpers" in event.error and "| features.0 | Conv2d |" in event.layer_table
+    sink = TensorBoardSink(tmp_path)
+    sink.write(event)
+    sink.close()
+    assert "Model graph unavailable" in texts(read(tmp_path), "model")[0]

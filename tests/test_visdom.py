@@ -18,21 +18,20 @@ from dashboards.graph_svg import graph_svg
 from dashboards.visdom import Message, VisdomConnection, VisdomSink, normalize_url, read_log
 from runner.telemetry.events import MemorySample, Scalar
 from tests.conftest import ROOT, run_runner
-from tests.visdom_helpers import HungServer, VisdomServer, by_title, free_port, line
+from tests.visdom_helpers import HungServer, VisdomServer, by_title, free_port, line, logged
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress"]
 
 
 def _train(run_dir: Path, name: str, url: str, *extra: str) -> tuple[int, str]:
-    out = run_runner("train", "--run-dir", str(run_dir), "--name", name, "--viz", "visdom", "--visdom-url", url,
-                     *TINY, *extra)
+    """A run in experiment `t`: its env is `t_<name>`."""
+    out = run_runner("train", "--run-dir", str(run_dir), "--name", name, "--experiment", "t", "--viz", "visdom",
+                     "--visdom-url", url, *TINY, *extra)
     return out.code, out.stderr
 
 
 def _steps(panes_log: Path, win: str, series: str) -> list[int]:
-    panes = read_log(panes_log)
-    assert panes is not None
-    return panes.panes[win].series[series].points()[0]
+    return logged(panes_log, win, series)[0]
 
 
 @pytest.mark.slow
@@ -45,13 +44,13 @@ def test_train_fills_the_runs_env(tmp_path: Path) -> None:
         code, err = _train(tmp_path, "unet", server.url, "--model", "tinyunet", "--steps", "6", "--log-every", "2",
                            "--images-every", "3", "--hist-every", "3")
         assert code == 0, err
-        windows = by_title(server.windows("unet"))
-    for title in ("train/loss", "train/psnr", "train/lr", "train/grad_norm"):
+        windows = by_title(server.windows("t_unet"))
+    for title in ("loss", "metric", "learning rate", "gradient norm (all layers)"):
         assert title in windows, sorted(windows)
-    assert line(windows["train/loss"])["loss"][0] == [2, 4, 6]
-    assert line(windows["train/psnr"])["psnr"][0] == [2, 4, 6]
-    assert line(windows["train/step_time and data_wait (ms)"]).keys() == {"step_time", "data_wait"}
-    steps, rss = line(windows["memory/rss (MiB)"])["rss"]
+    assert line(windows["loss"])["loss"][0] == [2, 4, 6]
+    assert line(windows["metric"])["psnr"][0] == [2, 4, 6]
+    assert line(windows["step time and data wait (ms)"]).keys() >= {"step_time", "data_wait"}
+    steps, rss = line(windows["process RSS (MiB)"])["rss"]
     assert steps == [1, 2, 3, 4, 5, 6] and min(rss) > 10  # MiB
     assert windows["images/samples"]["type"] == "image"
     assert windows["images/samples"]["content"]["src"].startswith("data:image/png;base64,")
@@ -60,17 +59,17 @@ def test_train_fills_the_runs_env(tmp_path: Path) -> None:
     for kind in ("weights", "grads"):
         traces = windows[f"{kind} histograms · step 6"]["content"]["data"]
         assert {t["name"]: sum(t["y"]) for t in traces} == sizes  # every value of every tensor, binned
-    norms = line(windows["norms/weights"])
+    norms = line(windows["weight norms per layer"])
     assert norms.keys() == sizes.keys() and norms["enc1.0.weight"][0] == [1, 3, 6]
     assert "<svg" in windows["model graph"]["content"] and "enc1" in windows["model graph"]["content"]
     assert "<table" in windows["model layers"]["content"] and "enc1.0" in windows["model layers"]["content"]
-    run_text = windows["run unet"]["content"]
+    run_text = windows["run t_unet"]["content"]
     assert "finished at step 6" in run_text and "[train]" in run_text and "final metrics" in run_text
-    saved = json.loads((tmp_path / "envs" / "unet.json").read_text())  # the env survives the server
+    saved = json.loads((tmp_path / "envs" / "t_unet.json").read_text())  # the env survives the server
     assert {w["title"] for w in saved["jsons"].values()} == set(windows)
     for entry in (tmp_path / "unet" / "visdom.log").read_text().splitlines():
         endpoint, msg = json.loads(entry)  # the client's log format
-        assert endpoint in ("events", "update") and msg["eid"] == "unet"
+        assert endpoint in ("events", "update") and msg["eid"] == "t_unet"
 
 
 def test_resume_replaces_points_after_the_resumed_step(tmp_path: Path) -> None:
@@ -84,10 +83,10 @@ def test_resume_replaces_points_after_the_resumed_step(tmp_path: Path) -> None:
         for step in range(7, 13):
             second.write(Scalar(tag="train/loss", step=step, value=2.0))
         second.close()
-        steps, values = line(by_title(server.windows("r"))["train/loss"])["loss"]
+        steps, values = line(by_title(server.windows("r"))["loss"])["loss"]
     assert steps == list(range(1, 13))
     assert values == [1.0] * 6 + [2.0] * 6
-    assert _steps(log, "train_loss", "loss") == list(range(1, 13))
+    assert _steps(log, "loss", "loss") == list(range(1, 13))
     assert json.loads(log.read_text().splitlines()[0])[0] == "events"  # the resumed log starts compacted
 
 
@@ -104,8 +103,8 @@ def test_appends_send_only_new_points(tmp_path: Path) -> None:
         windows = by_title(server.windows("flat"))
     updates = [json.loads(entry)[1] for entry in log.read_text().splitlines() if entry.startswith('["update"')]
     assert updates and all(len(trace["x"]) <= 1 for msg in updates for trace in msg["data"])
-    assert line(windows["train/loss"])["loss"][0] == list(range(1, 101))
-    assert line(windows["norms/weights"])["b"][0] == list(range(1, 101))
+    assert line(windows["loss"])["loss"][0] == list(range(1, 101))
+    assert line(windows["weight norms per layer"])["b"][0] == list(range(1, 101))
 
 
 def test_memory_of_every_rank_shares_a_pane(tmp_path: Path) -> None:
@@ -119,9 +118,10 @@ def test_memory_of_every_rank_shares_a_pane(tmp_path: Path) -> None:
                 sink.write(MemorySample(tag="memory", step=step, rank=rank, world_size=2, values=values))
         sink.close()
         windows = by_title(server.windows("ddp"))
-    assert line(windows["memory/rss (MiB)"]) == {"rank0": ([1, 2, 3], [100] * 3), "rank1": ([1, 2, 3], [200] * 3)}
-    assert line(windows["memory/cuda (MiB)"]).keys() == {"allocated rank0", "allocated rank1"}
-    assert line(windows["system/cpu_percent"])["rank1"] == ([1, 2, 3], [50] * 3)
+    assert line(windows["process RSS (MiB)"]) == {"rss rank0": ([1, 2, 3], [100] * 3),
+                                                  "rss rank1": ([1, 2, 3], [200] * 3)}
+    assert line(windows["CUDA memory (MiB)"]).keys() == {"allocated rank0", "allocated rank1"}
+    assert line(windows["CPU (%)"])["cpu_percent rank1"] == ([1, 2, 3], [50] * 3)
 
 
 def test_a_restart_between_sends_is_noticed(tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_a_restart_between_sends_is_noticed(tmp_path: Path) -> None:
             sink.write(Scalar(tag="train/loss", step=step, value=1.0))
         sink.close()
         windows = by_title(server.windows("quick"))
-    assert line(windows["train/loss"])["loss"][0] == list(range(1, 11))
+    assert line(windows["loss"])["loss"][0] == list(range(1, 11))
     assert sink.link.state == "up"
 
 
@@ -160,7 +160,7 @@ def test_login_is_used_when_the_server_asks(tmp_path: Path, monkeypatch: pytest.
         conn.connect()
         windows = json.loads(conn.post(Message.of("win_data", {"eid": "locked", "win": None})))
         conn.close()
-    assert line(by_title(windows)["train/loss"])["loss"][0] == [1]
+    assert line(by_title(windows)["loss"])["loss"][0] == [1]
 
 
 @pytest.mark.slow
@@ -171,17 +171,17 @@ def test_no_server_then_replay(tmp_path: Path) -> None:
     assert code == 0, err
     assert err.count("is unreachable") == 1 and "Traceback" not in err
     log = tmp_path / "offline" / "visdom.log"
-    assert _steps(log, "train_loss", "loss") == [2, 4, 6, 8]
-    assert _steps(log, "memory_rss", "rss") == list(range(1, 9))
+    assert _steps(log, "loss", "loss") == [2, 4, 6, 8]
+    assert _steps(log, "process_RSS", "rss") == list(range(1, 9))
     panes = read_log(log)
-    assert {"images_samples", "weights_histograms", "grads_histograms", "model_graph", "run"} <= set(panes.panes)
+    assert {"images_samples", "weights", "gradients", "model_graph", "run"} <= set(panes.panes)
     with VisdomServer(tmp_path / "envs") as server:
         out = run_runner("dashboards", "replay", "offline", "--run-dir", str(tmp_path), "--visdom-url", server.url)
         assert out.code == 0, out.stderr
-        windows = by_title(server.windows("offline"))
-    assert line(windows["train/loss"])["loss"][0] == [2, 4, 6, 8]
-    assert line(windows["memory/rss (MiB)"])["rss"][0] == list(range(1, 9))
-    assert "finished at step 8" in windows["run offline"]["content"]
+        windows = by_title(server.windows("t_offline"))
+    assert line(windows["loss"])["loss"][0] == [2, 4, 6, 8]
+    assert line(windows["process RSS (MiB)"])["rss"][0] == list(range(1, 9))
+    assert "finished at step 8" in windows["run t_offline"]["content"]
     assert windows["images/samples"]["type"] == "image"
 
 
@@ -196,21 +196,17 @@ def test_stock_client_replays_the_log(tmp_path: Path) -> None:
                   "use_incoming_socket=False, raise_exceptions=True); v.replay_log(sys.argv[2])")
         subprocess.run([sys.executable, "-c", script, str(server.port), str(tmp_path / "stock" / "visdom.log")],
                        check=True, capture_output=True, timeout=120)
-        windows = by_title(server.windows("stock"))
-    assert line(windows["train/loss"])["loss"][0] == [1, 2, 3, 4]
-    assert {"images/samples", "model graph", "run stock"} <= set(windows)
+        windows = by_title(server.windows("t_stock"))
+    assert line(windows["loss"])["loss"][0] == [1, 2, 3, 4]
+    assert {"images/samples", "model graph", "run t_stock"} <= set(windows)
 
 
 def _logged_points(log: Path, win: str, series: str) -> int:
-    panes = read_log(log) if log.is_file() else None
-    pane = panes.panes.get(win) if panes else None
-    return len(pane.series[series]) if pane is not None and series in pane.series else 0
+    return len(logged(log, win, series)[0]) if log.is_file() else 0
 
 
 def _step_times(log: Path) -> list[float]:
-    panes = read_log(log)
-    assert panes is not None
-    return [v for v in panes.panes["train_time_ms"].series["step_time"].points()[1] if v is not None]
+    return [v for v in logged(log, "step_time_and_data_wait", "step_time")[1] if v is not None]
 
 
 @pytest.mark.slow
@@ -241,13 +237,13 @@ def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
         env.pop("RUNNER_IN_PROCESS", None)
         with open(tmp_path / "stderr.txt", "w") as err_file:
             proc = subprocess.Popen([sys.executable, "-m", "runner", "train", "--run-dir", str(tmp_path), "--name",
-                                     "killed", "--viz", "visdom", "--visdom-url", server.url, *TINY, "--model",
-                                     "visdom_helpers:slow_model", "--steps", str(steps), "--log-every", "1",
-                                     "--checkpoint-every", "1000"], cwd=ROOT, env=env, stderr=err_file,
-                                    stdout=subprocess.DEVNULL)
+                                     "killed", "--experiment", "t", "--viz", "visdom", "--visdom-url", server.url,
+                                     *TINY, "--model", "visdom_helpers:slow_model", "--steps", str(steps),
+                                     "--log-every", "1", "--checkpoint-every", "1000"], cwd=ROOT, env=env,
+                                    stderr=err_file, stdout=subprocess.DEVNULL)
             log = tmp_path / "killed" / "visdom.log"
             deadline = time.monotonic() + 120
-            while _logged_points(log, "train_loss", "loss") < 10:
+            while _logged_points(log, "loss", "loss") < 10:
                 assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
                 time.sleep(0.2)
             server.kill()
@@ -255,12 +251,12 @@ def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
             assert proc.poll() is None, "the run ended while the server was down: make it longer"
             server.start()
             assert proc.wait(180) == 0, (tmp_path / "stderr.txt").read_text()
-        windows = by_title(server.windows("killed"))
+        windows = by_title(server.windows("t_killed"))
     err = (tmp_path / "stderr.txt").read_text()
     assert err.count("is unreachable") == 1 and err.count("is back") == 1 and "Traceback" not in err, err
-    assert line(windows["train/loss"])["loss"][0] == list(range(1, steps + 1))
-    assert line(windows["memory/rss (MiB)"])["rss"][0] == list(range(1, steps + 1))
-    assert line(windows["train/step_time and data_wait (ms)"])["step_time"][0] == list(range(1, steps + 1))
+    assert line(windows["loss"])["loss"][0] == list(range(1, steps + 1))
+    assert line(windows["process RSS (MiB)"])["rss"][0] == list(range(1, steps + 1))
+    assert line(windows["step time and data wait (ms)"])["step_time"][0] == list(range(1, steps + 1))
 
 
 @pytest.mark.slow
@@ -268,19 +264,19 @@ def test_run_starts_a_server_for_itself_when_none_answers(tmp_path: Path) -> Non
     """No --visdom-url and nothing on the port: the run starts a server, uses it, stops it at its end;
     the env stays on disk (under the runs folder) for `runner dashboards up`."""
     port = free_port()
-    out = run_runner("train", "--run-dir", str(tmp_path), "--name", "embedded", "--viz", "visdom", "--visdom-port",
-                     str(port), *TINY, "--model", "mlp", "--steps", "3")
+    out = run_runner("train", "--run-dir", str(tmp_path), "--name", "embedded", "--experiment", "t", "--viz", "visdom",
+                     "--visdom-port", str(port), *TINY, "--model", "mlp", "--steps", "3")
     assert out.code == 0, out.stderr
     assert "started a Visdom server for this run" in out.stderr and "stopped this run's Visdom server" in out.stderr
     assert "leftover" not in out.stderr  # it stopped its server itself; the supervisor found nothing to reap
     assert servers.recorded(tmp_path) == {} and not servers.port_busy("127.0.0.1", port)
-    assert (tmp_path / ".dashboards" / "visdom" / "embedded.json").is_file()  # -env_path under the runs folder
+    assert (tmp_path / ".dashboards" / "visdom" / "t_embedded.json").is_file()  # -env_path under the runs folder
     up = run_runner("dashboards", "up", "--run-dir", str(tmp_path), "--tb-port", str(free_port()), "--visdom-port",
                     str(port))
     try:
         assert up.code == 0, up.stderr
         probe = VisdomServer(tmp_path / ".dashboards" / "visdom", port=port)
-        assert line(by_title(probe.windows("embedded"))["train/loss"])["loss"][0] == [3]
+        assert line(by_title(probe.windows("t_embedded"))["loss"])["loss"][0] == [3]
     finally:
         run_runner("dashboards", "down", "--run-dir", str(tmp_path))
 

@@ -104,6 +104,25 @@ def by_title(windows: dict[str, dict]) -> dict[str, dict]:
     return {w["title"]: w for w in windows.values()}
 
 
+def logged(log: Path, win: str, series: str) -> tuple[list[int], list[float | None]]:
+    """Every point of one series as visdom.log holds it (a pane's creation, then its appends), in order."""
+    from dashboards.visdom_log import entries
+
+    xs: list[int] = []
+    ys: list[float | None] = []
+    for endpoint, msg in entries(log):
+        if msg.get("win") != win or not isinstance(msg.get("data"), list):
+            continue
+        if endpoint == "events":
+            xs, ys = [], []
+        names = [msg["name"]] if msg.get("name") else [t.get("name") for t in msg["data"]]
+        for name, trace in zip(names, msg["data"]):
+            if name == series:
+                xs += trace["x"]
+                ys += trace["y"]
+    return xs, ys
+
+
 def slow_model(channels: int, image_size: int):
     """A linear classifier that takes ~40 ms a forward call: long enough runs to kill a server under."""
     from torch import nn

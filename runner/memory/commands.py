@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from runner.cli_errors import run_command
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -28,10 +30,8 @@ def memory(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Estimate memory for a model: parameters, gradients, optimizer state, input batch, activations."""
-    from runner.cli import _run
-
-    _run(lambda: _memory(model, input_shape, batch_size, optimizer, num_classes, task, amp, device, json_output),
-         debug=debug)
+    run_command(lambda: _memory(model, input_shape, batch_size, optimizer, num_classes, task, amp, device,
+                                json_output), debug=debug)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:

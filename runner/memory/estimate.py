@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from runner.errors import RunnerError
+from runner.optim import amp_dtype
 from runner.tasks import make_task
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
@@ -130,11 +131,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 # --- measuring activations ---------------------------------------------------------------------
 
-def amp_dtype(device_type: str) -> torch.dtype:
-    """The autocast dtype the trainer uses: fp16 (with GradScaler) on CUDA, bf16 elsewhere."""
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
-
-
 def measure_activations(model: nn.Module, input_shape: tuple[int, ...], task: str,
                         device_type: str) -> tuple[dict[str, Activations], str]:
     """Per-sample and fixed saved-for-backward bytes in fp32 and AMP, and how they were measured."""
@@ -203,7 +199,7 @@ def _autocast(device_type: str, enabled: bool) -> Iterator[None]:
         return
     previous, previous_dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     torch.set_autocast_enabled(device_type, True)
-    torch.set_autocast_dtype(device_type, amp_dtype(device_type))
+    torch.set_autocast_dtype(device_type, amp_dtype(device_type, True))
     torch.autocast_increment_nesting()
     try:
         yield
@@ -242,6 +238,35 @@ def _fake_pass(model: nn.Module, input_shape: tuple[int, ...], batch: int, task:
         target = (torch.zeros(batch, dtype=torch.long, device=device) if task == "classify"
                   else torch.empty(batch, *input_shape, device=device))
         return _saved_bytes(model, tensors, inputs, target, task, device_type, amp)
+
+
+def largest_tensor_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Elements per sample of the largest tensor entering or leaving any module in a forward pass (fake
+    tensors: no memory, no compute). Many CUDA kernels index with 32 bits, so a batch whose tensors
+    pass 2^31 elements fails with errors other than out-of-memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch = PROBE_BATCHES[0]
+    largest = batch * math.prod(input_shape)
+
+    def note(_module: nn.Module, args: tuple, output: object) -> None:
+        nonlocal largest
+        for value in (*args, *(output if isinstance(output, (tuple, list)) else (output,))):
+            if isinstance(value, torch.Tensor):
+                largest = max(largest, value.numel())
+
+    handle = nn.modules.module.register_module_forward_hook(note)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            tensors = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+            tensors.update({n: torch.empty(b.shape, dtype=b.dtype) for n, b in model.named_buffers()})
+            with torch.no_grad():
+                functional_call(model, tensors, (torch.empty(batch, *input_shape),))
+    except Exception:  # noqa: BLE001 - a model fake tensors cannot run: bounded by what ran before it failed
+        pass
+    finally:
+        handle.remove()
+    return -(-largest // batch)
 
 
 def _real_pass(model: nn.Module, input_shape: tuple[int, ...], batch: int, task: str, amp: bool) -> int:

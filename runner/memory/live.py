@@ -2,7 +2,10 @@
 
 No extra forward pass: the activations are what autograd saves during the run's first step (counted
 by saved-tensor hooks, exact for the real batch, precision and device); the other parts follow from
-the model and optimizer. The events carry the run's start step, so the estimate sits at the start
+the model and optimizer. Saved-tensor hooks are thread-local and nn.DataParallel runs each replica's
+forward in a thread of its own, so the hooks are also pushed from a forward pre-hook on the raw
+module (replicas share its hook tables) in whichever thread runs it; only tensors on the run's
+device are counted, the device whose memory the plots show (under DataParallel: replica 0's share). The events carry the run's start step, so the estimate sits at the start
 of the memory plots: Text `memory_estimate` (the table), scalars `memory/estimate_<part>` and
 `memory/estimate_total`.
 """
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +42,8 @@ class LiveEstimate:
         """Wrap the step's forward and loss; on success, emit the estimate events."""
         skip = [*self.model.parameters(), *self.model.buffers(), inputs, targets]
         saved = SavedTensors(skip, hold=False)
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        counter = _DeviceCounter(saved, inputs.device)
+        with counter.on(self.model), torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack):
             yield
         try:
             events = self.events(saved.total)
@@ -58,3 +64,43 @@ class LiveEstimate:
             events.append(Scalar(tag=f"memory/estimate_{part}", step=step, rank=rank, value=float(value)))
         events.append(Scalar(tag="memory/estimate_total", step=step, rank=rank, value=float(estimate.total())))
         return events
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+class _DeviceCounter:
+    """Counts what autograd saves on one device, from every thread that runs the module's forward."""
+
+    def __init__(self, saved: SavedTensors, device: torch.device) -> None:
+        self.saved, self.device = saved, device
+        self.lock = threading.Lock()
+        self.entered = threading.local()
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == self.device:
+            with self.lock:
+                self.saved.pack(tensor)
+        return tensor
+
+    def _push(self, _module: nn.Module, _args: Any) -> None:
+        hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+        hooks.__enter__()
+        self.entered.__dict__.setdefault("stack", []).append(hooks)
+
+    def _pop(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        stack = self.entered.__dict__.get("stack")
+        if stack:  # always_call: also when the forward raised
+            stack.pop().__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def on(self, module: nn.Module) -> Iterator[None]:
+        """Push the hooks around every forward of `module` (and its DataParallel replicas) meanwhile."""
+        handles = [module.register_forward_pre_hook(self._push),
+                   module.register_forward_hook(self._pop, always_call=True)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,5 +1,7 @@
 """The out-of-memory post-mortem: what was held, what the estimate says, and what to do next.
 
+- `is_out_of_memory`: whether an exception means "the device ran out of memory" (the caching
+  allocator's error, and cuDNN/cuBLAS/CUDA allocation failures that surface as RuntimeError).
 - `record_history`: with --memory-snapshot on CUDA, the allocator records its history from the start.
 - `capture`: inside the `except` block, while the failed step's tensors are still alive — the error,
   `torch.cuda.memory_summary()`, allocator counters, and the snapshot pickle (pytorch.org/memory_viz).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -21,22 +24,41 @@ from torch import nn
 
 from runner.config import DENOISE_MODELS, TrainConfig
 from runner.errors import RunnerError
-from runner.memory.auto_batch import memory_budget
+from runner.memory.budget import cuda_capacity, memory_budget
 from runner.memory.estimate import Breakdown, estimate
 from runner.memory.report import LABELS, as_json, format_bytes, markdown
 
 log = logging.getLogger("runner")
 
-SNAPSHOT_ENTRIES = 100_000  # allocator events kept for the snapshot (bounded host memory)
 SNAPSHOT = "memory_snapshot.pickle"
+# The allocator's ring buffer of alloc/free events: the last ~tens of steps of a typical model, a few
+# KB each on the host. Python frames only (C++ frames cost far more per allocation), stacks of
+# allocations only (the frees' stacks rarely explain an out-of-memory error).
+SNAPSHOT_ARGS = {"enabled": "all", "context": "alloc", "stacks": "python", "max_entries": 20_000}
+
+# Allocation failures that do not come out as torch.OutOfMemoryError: cuDNN 8 / 9, cuBLAS(Lt),
+# cuSOLVER, cuFFT workspaces, and a plain cudaMalloc outside the caching allocator.
+_OOM_MESSAGE = re.compile(
+    r"CUDA out of memory|CUDA error: out of memory|CUDNN_STATUS_ALLOC_FAILED|"
+    r"CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED|CUBLAS_STATUS_ALLOC_FAILED|"
+    r"CUSOLVER_STATUS_ALLOC_FAILED|CUFFT_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` means the device ran out of memory: torch.OutOfMemoryError, or a RuntimeError
+    (torch.AcceleratorError included) whose message shows a library's device allocation failing."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and _OOM_MESSAGE.search(str(exc)) is not None
 
 
 def record_history(device: torch.device) -> None:
-    """Start recording CUDA allocator history for a snapshot at an out-of-memory error."""
+    """Start recording CUDA allocator history for a snapshot at an out-of-memory error. Recording
+    is process-wide (every CUDA device), so no device is passed."""
     if device.type != "cuda":
         log.warning("--memory-snapshot records the CUDA allocator; there is none on %s: no snapshot", device)
         return
-    torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES, device=device)
+    torch.cuda.memory._record_memory_history(**SNAPSHOT_ARGS)
 
 
 @dataclass(frozen=True)
@@ -82,9 +104,7 @@ def unsafe_to_save(phase: str, world_size: int, nonfinite: bool) -> str | None:
 def capacity(cfg: TrainConfig, device: torch.device) -> tuple[int, str]:
     """The bytes a step may use here, and a phrase naming them."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        usable = free + torch.cuda.memory_reserved(device)
-        return usable, f"the {format_bytes(usable)} usable on {device}"
+        return cuda_capacity(device)
     budget, _described = memory_budget(cfg)
     return budget, f"the {format_bytes(budget)} memory budget"
 

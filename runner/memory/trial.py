@@ -7,7 +7,7 @@ import gc
 import torch
 from torch import nn
 
-from runner.memory.estimate import amp_dtype
+from runner.optim import amp_dtype, make_optimizer, make_scaler
 from runner.tasks import make_task
 
 
@@ -16,8 +16,8 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, input_shape: t
     """`steps` steps in the trainer's order (forward, zero_grad, backward, step): the first creates the
     optimizer state, the second has the previous gradients alive during forward, as training does."""
     loss_of = make_task(task).loss
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
-    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype(device.type), enabled=amp)
+    scaler = make_scaler(device.type, amp)
+    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype(device.type, True), enabled=amp)
     model.train()
     for _ in range(steps):
         inputs = torch.rand(batch, *input_shape, device=device)
@@ -39,10 +39,10 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, input_shape: t
 def measured_peak(model: nn.Module, optimizer_name: str, input_shape: tuple[int, ...], batch: int, task: str,
                   amp: bool, device: torch.device) -> int:
     """Peak bytes allocated on a CUDA device over two real steps, counting everything this process
-    holds there (the model's parameters too). Moves `model` to `device`; raises
-    torch.OutOfMemoryError when the batch does not fit."""
-    from runner.train.loop import make_optimizer
-
+    holds there (the model's parameters too). Moves `model` to `device`; raises what
+    `postmortem.is_out_of_memory` recognises when the batch does not fit. The trainer's cuDNN
+    setting (benchmark on) is used, so that autotuning workspaces count in the peak."""
+    torch.backends.cudnn.benchmark = True
     torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
     optimizer = make_optimizer(optimizer_name, model.parameters(), 1e-3, 0.0)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import typer
 
-from runner.errors import RunnerError
+from runner.cli_errors import run_command
 
 
 def _only_items(only: list[str]) -> list[str]:
@@ -26,14 +25,14 @@ def cleanup(
 ) -> None:
     """Find what runs left behind: orphaned DataLoader workers, torchrun ranks, forkservers, resource trackers,
     leaked /dev/shm/torch_* segments. A dry run unless --yes. Exit 0 when nothing remains, 1 otherwise."""
+    run_command(lambda: _cleanup(yes, run, _only_items(only), as_json, grace))
+
+
+def _cleanup(yes: bool, run: str | None, only: list[str], as_json: bool, grace: float) -> int:
     from runner.procs import cleanup as cleanup_module
 
-    scope = cleanup_module.Scope(run=run, only=_only_items(only))
-    try:
-        found = cleanup_module.plan(scope)
-    except RunnerError as exc:
-        print(f"runner: error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.code) from None
+    scope = cleanup_module.Scope(run=run, only=only)
+    found = cleanup_module.plan(scope)
     report = {"dry_run": not yes, "processes": cleanup_module.process_rows(found),
               "shm": cleanup_module.leak_rows(found.leaks)}
     remaining = bool(found.candidates or found.leaks)
@@ -54,7 +53,7 @@ def cleanup(
         print("dry run: nothing was touched; run again with --yes to end/remove the above")
     if as_json:
         print(json.dumps(report, indent=2))
-    raise typer.Exit(1 if remaining else 0)
+    return 1 if remaining else 0
 
 
 def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:

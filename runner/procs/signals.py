@@ -3,7 +3,8 @@
 The first asks the loop to stop after the current step (it then writes the checkpoint, flushes the
 sinks, shuts the DataLoader down and exits 130/143/129); while the loop waits for a batch (a worker
 may be blocked in `__getitem__` for good) the first signal ends the wait at once. The second kills
-the run's process group at once.
+the run's process group at once. Under DDP the ranks agree on the step at a log point; a rank blocked
+in data loading never gets there, which the supervisor sees (control.py) and ends the run itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+_installed: GracefulStop | None = None  # signal handlers are per process: so is the one GracefulStop
 
 
 class StopRequested(Exception):
@@ -29,8 +32,10 @@ class GracefulStop:
         self._waiting = False
 
     def install(self) -> "GracefulStop":
+        global _installed
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)  # re-arms SIGINT even if inherited as ignored (`cmd &`)
+        _installed = self
         return self
 
     def _handle(self, signum: int, _frame: object) -> None:
@@ -62,6 +67,11 @@ class GracefulStop:
             yield
         finally:
             self._waiting = False
+
+
+def stop_requested() -> str | None:
+    """The stop signal this process got (its name), or None; None too where no GracefulStop is installed."""
+    return _installed.requested if _installed is not None else None
 
 
 @contextlib.contextmanager

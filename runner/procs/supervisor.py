@@ -8,6 +8,12 @@
   gets SIGTERM if the supervisor dies (`PR_SET_PDEATHSIG`).
 - The first SIGINT/SIGTERM/SIGHUP is forwarded to the child (which stops after its step); the
   second SIGKILLs every process of the run at once.
+- DDP (notes from the ranks, control.py): after the first stop signal, unless every local rank says
+  within STOP_GRACE seconds that it went on (began a step or a collective: none is blocked in data
+  loading, so they will agree on a step to stop after), it ends the run itself, as a second signal would. When a rank
+  fails and torchrun has no restart left, it ends torchrun at once (no restart, no waiting), gives
+  the other ranks FAIL_GRACE seconds to end by themselves (those blocked in a collective the failed
+  rank will never join cannot), ends the rest, and says in one line which rank failed and why.
 - When the child ends, for any reason, it ends and reaps every process the run left behind.
 """
 
@@ -15,12 +21,15 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from runner.config import TrainConfig
-from runner.procs import proc_table, registry
+from runner.procs import control, proc_table, registry
 from runner.procs.run_tag import ROOT_ENV, TAG_ENV, format_root, new_run_id
 from runner.procs.signals import STOP_SIGNALS
 from runner.procs.termination import Target, kill_now, phase_of, terminate, wait_gone
@@ -31,6 +40,9 @@ REAP_GRACE = 3.0  # seconds a leftover process gets between SIGTERM and SIGKILL
 SETTLE = 0.5  # seconds leftovers get to exit by themselves before they are signalled
 REAP_ROUNDS = 5  # each round may orphan more processes (grandchildren) to us
 NEVER_KILL = ("torch_shm_manager",)  # exits by itself; killing it leaks /dev/shm/torch_*
+STOP_GRACE = 2.5  # DDP: seconds after a stop signal for every rank to show it is not blocked
+FAIL_GRACE = 2.0  # DDP: seconds after a rank failed for the others to end by themselves
+FAILED_EXIT = 30.0  # seconds a failed rank gets to finish its teardown (flush its dashboards)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -65,15 +77,24 @@ def _reap_zombies() -> None:
 
 
 class _Forwarder:
-    """Signal handler: the first stop signal goes to the child, the second kills the whole run."""
+    """Signal handlers: stop signals (the first goes to the child, the second kills the whole run) and,
+    for DDP, the ranks' notes and the alarm that bounds how long a stop or a failure may take."""
 
-    def __init__(self) -> None:
+    def __init__(self, notes_dir: Path | None, local_ranks: int, restarts: int) -> None:
         self.child: int | None = None
         self.received: list[int] = []
+        self.notes_dir, self.local_ranks, self.restarts = notes_dir, local_ranks, restarts
+        self.failure: str | None = None  # the first failed rank's reason
+        self.failed: set[int] = set()  # pids of ranks that said they failed: they end by themselves
 
     def __call__(self, signum: int, _frame: object) -> None:
-        self.received.append(signum)
-        self._act()
+        if signum == control.NOTICE:
+            self._read_notes()
+        elif signum == signal.SIGALRM:
+            self._alarm()
+        else:
+            self.received.append(signum)
+            self._act()
 
     def attach(self, child: int) -> None:
         self.child = child
@@ -88,8 +109,37 @@ class _Forwarder:
                 os.kill(self.child, self.received[0])
             except ProcessLookupError:
                 pass
+            if self.notes_dir is not None and self.failure is None:
+                signal.setitimer(signal.ITIMER_REAL, STOP_GRACE)
         else:
             kill_now(_descendants(os.getpid()))
+
+    def _read_notes(self) -> None:
+        if self.notes_dir is None:
+            return
+        notes = control.Notes.read(self.notes_dir)
+        if len(notes.alive) >= self.local_ranks and self.failure is None:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # every rank is training on: they will agree
+        new = {pid: why for pid, why in notes.failed.items() if pid not in self.failed}
+        self.failed |= set(new)
+        if new and self.failure is None and self.restarts == 0:
+            self.failure = next(iter(new.values()))
+            agents = [t for t in _descendants(os.getpid()) if t.pid == self.child]
+            kill_now(agents)  # no restart to wait for; torchrun would only wait and print its own report
+            signal.setitimer(signal.ITIMER_REAL, FAIL_GRACE)
+
+    def _alarm(self) -> None:
+        me = os.getpid()
+        if self.failure is not None:  # ranks still here FAIL_GRACE after a failure wait on the failed one
+            spared = set(self.failed)
+            table = proc_table.snapshot()
+            for pid in self.failed:
+                spared.update(proc_table.descendants(table, pid))
+            kill_now([t for t in _descendants(me) if t.pid not in spared])
+            return
+        print(f"runner: the ranks did not all go on within {STOP_GRACE:g} s of the stop signal (one is "
+              "blocked, e.g. in data loading): ending the run now", file=sys.stderr, flush=True)
+        kill_now(_descendants(me))
 
 
 def _reap_leftovers(me: int) -> list[Target]:
@@ -129,8 +179,12 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
               "`runner cleanup` will go by process tags only", file=sys.stderr)
     env = dict(os.environ, RUNNER_IN_PROCESS="1", RUNNER_RUN_NAME=cfg.name)
     env[TAG_ENV], env[ROOT_ENV] = run_id, format_root(root)
-    forwarder = _Forwarder()
-    previous = {sig: signal.signal(sig, forwarder) for sig in STOP_SIGNALS}
+    notes_dir = Path(tempfile.mkdtemp(prefix="runner-notes-")) if cfg.strategy == "ddp" else None
+    if notes_dir is not None:
+        env[control.DIR_ENV], env[control.SUPERVISOR_ENV] = str(notes_dir), format_root(root)
+    forwarder = _Forwarder(notes_dir, cfg.nproc, cfg.max_restarts)
+    handled = (*STOP_SIGNALS, control.NOTICE, signal.SIGALRM) if notes_dir is not None else STOP_SIGNALS
+    previous = {sig: signal.signal(sig, forwarder) for sig in handled}
     try:
         child = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=lambda: _die_with(me))
         if run is not None:
@@ -147,13 +201,21 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
         code = os.waitstatus_to_exitcode(status)
         child.returncode = code
         code = code if code >= 0 else 128 - code
+        if forwarder.failure is not None:  # failed ranks finish their teardown; the alarm ends the others
+            wait_gone([t for t in _descendants(me) if t.pid in forwarder.failed], FAILED_EXIT)
         left = _reap_leftovers(me)
         if left:
             print(f"runner: could not end {', '.join(str(t.pid) for t in left)}; see `runner cleanup`",
                   file=sys.stderr)
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if notes_dir is not None:
+            shutil.rmtree(notes_dir, ignore_errors=True)
+    if forwarder.failure is not None:
+        print(f"runner: error: {forwarder.failure} (the other ranks were ended)", file=sys.stderr, flush=True)
+        code = 1
     if run is not None:
         try:
             registry.finish_run(run, code)

@@ -1,25 +1,26 @@
-"""The console sink: a progress bar on a terminal, one line per log point otherwise."""
+"""The console sink: a progress bar on a terminal, one line per log point otherwise, and each finding once."""
 
 from __future__ import annotations
 
 import sys
 
-from runner.telemetry.events import Event, Scalar, Text
+from runner.telemetry.events import Event, Finding, Scalar, Sink, Text
 
 _SHOWN = {"train/loss": "loss {:.4f}", "train/accuracy": "acc {:.3f}", "train/psnr": "psnr {:.2f} dB",
           "train/samples_per_s": "{:.0f} samples/s"}
 
 
-class ConsoleSink:
-    """Shows progress and the latest loss/metric; status texts are printed as they come."""
+class ConsoleSink(Sink):
+    """Shows progress and the latest loss/metric; status texts and findings are printed as they come."""
 
-    accepts = (Scalar, Text)
+    accepts = (Scalar, Text, Finding)
 
     def __init__(self, total_steps: int, run_name: str, live: bool | None = None) -> None:
         self.total, self.name = total_steps, run_name
         self.live = sys.stderr.isatty() if live is None else live
         self.latest: dict[str, float] = {}
         self.step = 0
+        self.shown: set[tuple[str, str]] = set()  # findings already printed (kind, message)
         self._progress = None
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -40,6 +41,9 @@ class ConsoleSink:
                 print(f"[{self.name}] step {event.step}/{self.total}  {self._stats()}", file=sys.stderr, flush=True)
         elif isinstance(event, Text) and event.tag == "status":
             self._print(f"[{self.name}] {event.text}")
+        elif isinstance(event, Finding) and (event.kind, event.message) not in self.shown:
+            self.shown.add((event.kind, event.message))
+            self._print(finding_line(self.name, event))
         if self._progress is not None:
             self._progress.update(self._task, completed=self.step, stats=self._stats())
 
@@ -55,3 +59,9 @@ class ConsoleSink:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def finding_line(name: str, finding: Finding) -> str:
+    """One line: `[run] WARNING input_bound at step 40: message; advice: ...`."""
+    advice = f"; advice: {finding.advice}" if finding.advice else ""
+    return f"[{name}] {finding.severity.upper()} {finding.kind} at step {finding.step}: {finding.message}{advice}"

@@ -7,7 +7,8 @@ No torch import: sinks and tests use these without the trainer. Arrays are numpy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -132,8 +133,13 @@ class Text(Event):
 
 @dataclass(kw_only=True, slots=True)
 class HParams(Event):
+    """The run's hyperparameters, sent at the start (`status` "" or "running": `metrics` names the metric
+    columns) and at the end (`status` "finished", "failed", "stopped"…, `metrics` the final values), so
+    that a run killed in between is still in TensorBoard's HParams table."""
+
     hparams: dict[str, Any]
     metrics: dict[str, float]
+    status: str = ""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -152,18 +158,36 @@ class Finding(Event):
     advice: str = ""
 
 
-ESSENTIAL = (Scalar, MemorySample, Text, Graph, HParams, Finding)  # never dropped by the hub
+COALESCED = (Scalar, MemorySample)  # past a sink's queue limit, only the newest per tag and rank waits
+NEVER_DROPPED = (Text, Graph, HParams, Finding)  # always queued: rare, and each one says something once
+# ImageGrid and Histogram (heavy, periodic) are dropped past a sink's `capacity` pending ones.
 
 
-class Sink(Protocol):
-    """A backend: gets every event on its own thread; never sees the trainer.
+class Sink:
+    """A backend: gets the events it `accepts` on its own thread (the hub's); never sees the trainer.
 
-    A sink may also set `accepts`, a tuple of the event types it takes (default: every type); the hub
-    then gives it nothing else, and the trainer skips building events no sink takes.
+    Subclasses implement `write`, and override the rest as they need: `accepts` (the event types it
+    takes; the trainer skips building events no sink takes), `queue_limit` (pending events past which the
+    hub coalesces scalars and memory samples for it), `bind` (called once by the hub with a thread-safe
+    `emit` that reaches the other sinks), `unreachable_for` (seconds its backend has been unreachable,
+    read from other threads).
     """
 
-    def write(self, event: Event) -> None: ...
+    accepts: tuple[type[Event], ...] = (Event,)
+    queue_limit: int = 50_000
 
-    def flush(self) -> None: ...
+    def write(self, event: Event) -> None:
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def flush(self) -> None:
+        """Push what `write` buffered to the backend (end of a log window, before close)."""
+
+    def close(self) -> None:
+        """Release the backend; the hub calls it once, after the last `write`."""
+
+    def bind(self, emit: Callable[[Event], None]) -> None:
+        """Keep `emit` to raise events (findings) from this sink's thread; ignored by default."""
+
+    def unreachable_for(self) -> float:
+        """Seconds the backend has been unreachable (0 when it is fine)."""
+        return 0.0

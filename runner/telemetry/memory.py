@@ -6,6 +6,12 @@ Per step (training thread, host-side reads only):
 - Everywhere: this process's RSS from /proc/self/statm (a few µs).
 In a background thread every `interval` seconds (psutil, NVML): DataLoader workers' RSS, CPU %,
 host available memory, and, where NVML initialises, GPU used/total, utilisation, power, temperature.
+
+NVML numbers devices as the driver does and ignores CUDA_VISIBLE_DEVICES, so torch's device is found
+in NVML by its UUID (MIG instances too), else by its PCI bus id, never by torch's index. Each reading
+has its own try: one a device does not support (utilisation under MIG) leaves the others. NVML is
+opened only on a CUDA run (a CPU run has no GPU to read, so it says nothing about NVML); when it
+cannot be opened there, one line says that GPU metrics are off.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -33,13 +41,13 @@ def process_rss() -> int:
 class SystemSampler:
     """Samples psutil (and NVML when present) on a daemon thread; `latest` is a snapshot dict."""
 
-    def __init__(self, interval: float, gpu_index: int | None) -> None:
+    def __init__(self, interval: float, gpu: "GpuIdentity | None") -> None:
         self.interval = interval
         self.latest: dict[str, float] = {}
         self._stop = threading.Event()
         self._process = psutil.Process()
         self._process.cpu_percent(None)
-        self._nvml = _open_nvml(gpu_index) if gpu_index is not None else None
+        self._nvml = open_nvml(gpu) if gpu is not None else None
         self._thread = threading.Thread(target=self._run, name="system-sampler", daemon=True)
 
     @property
@@ -81,27 +89,66 @@ class SystemSampler:
         self.latest = values
 
 
-def _open_nvml(index: int) -> Any:
-    """A function returning NVML readings for GPU `index`, or None (said once) when NVML is absent."""
-    try:
-        import pynvml
+@dataclass(frozen=True)
+class GpuIdentity:
+    """How NVML can find torch's device: its UUID (as CUDA prints it, no prefix) and PCI bus id."""
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound and friends
-        log.info("GPU metrics off: NVML unavailable (%s); CUDA allocator stats stay on", type(exc).__name__)
+    uuid: str
+    pci_bus_id: str  # "00000000:3b:00.0", NVML's form; "" when torch does not report it
+
+    @classmethod
+    def of(cls, index: int) -> "GpuIdentity":
+        """The identity of torch's CUDA device `index` (a visible index, after CUDA_VISIBLE_DEVICES)."""
+        import torch
+
+        props = torch.cuda.get_device_properties(index)
+        pci = [getattr(props, f"pci_{part}_id", None) for part in ("domain", "bus", "device")]  # not in older torch
+        bus_id = "" if None in pci else f"{pci[0]:08x}:{pci[1]:02x}:{pci[2]:02x}.0"
+        uuid = str(props.uuid)  # torch prints the bare 8-4-4-4-12 form; NVML prefixes "GPU-" or "MIG-"
+        return cls(uuid=uuid[4:] if uuid[:4] in ("GPU-", "MIG-") else uuid, pci_bus_id=bus_id)
+
+
+READINGS: dict[str, Callable[[Any, Any], float]] = {
+    "gpu_used": lambda nvml, h: float(nvml.nvmlDeviceGetMemoryInfo(h).used),
+    "gpu_total": lambda nvml, h: float(nvml.nvmlDeviceGetMemoryInfo(h).total),
+    "gpu_util": lambda nvml, h: float(nvml.nvmlDeviceGetUtilizationRates(h).gpu),
+    "gpu_power_w": lambda nvml, h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
+    "gpu_temp_c": lambda nvml, h: float(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
+}
+
+
+def nvml_handle(nvml: Any, gpu: GpuIdentity) -> Any:
+    """NVML's handle for `gpu`: by UUID ("GPU-…", or "MIG-…" for a MIG instance), else by PCI bus id."""
+    for key in (f"GPU-{gpu.uuid}", f"MIG-{gpu.uuid}"):
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(key)
+        except nvml.NVMLError:
+            continue
+    if not gpu.pci_bus_id:
+        raise LookupError(f"no NVML device has UUID {gpu.uuid}")
+    return nvml.nvmlDeviceGetHandleByPciBusId(gpu.pci_bus_id)
+
+
+def open_nvml(gpu: GpuIdentity, nvml: Any = None) -> Callable[[], dict[str, float]] | None:
+    """A function returning NVML readings for `gpu`, or None (said once) when NVML is absent or
+    cannot find the device. `nvml` is the pynvml module (a stand-in in tests)."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+        handle = nvml_handle(nvml, gpu)
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, ImportError and friends
+        log.info("GPU metrics off: NVML unavailable (%s: %s); CUDA allocator stats stay on",
+                 type(exc).__name__, exc)
         return None
 
     def read() -> dict[str, float]:
         out: dict[str, float] = {}
-        try:
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            out["gpu_used"], out["gpu_total"] = float(mem.used), float(mem.total)
-            out["gpu_util"] = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-            out["gpu_power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
-            out["gpu_temp_c"] = float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
-        except pynvml.NVMLError:
-            pass
+        for name, reading in READINGS.items():
+            try:
+                out[name] = reading(nvml, handle)
+            except nvml.NVMLError:  # not supported here (e.g. utilisation of a MIG instance)
+                continue
         return out
 
     return read
@@ -122,8 +169,12 @@ class MemoryProbe:
     def __init__(self, device: Any, system_every: float) -> None:
         self.device = device
         self.cuda = getattr(device, "type", str(device)) == "cuda"
-        gpu_index = (device.index or 0) if self.cuda else None
-        self.system = SystemSampler(system_every, gpu_index).start()  # says once if NVML is unavailable
+        gpu = None
+        if self.cuda:
+            import torch
+
+            gpu = GpuIdentity.of(device.index if device.index is not None else torch.cuda.current_device())
+        self.system = SystemSampler(system_every, gpu).start()  # says once if NVML is unavailable
 
     def sample(self) -> dict[str, float]:
         values: dict[str, float] = {"rss": float(process_rss())}

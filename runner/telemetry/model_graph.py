@@ -65,19 +65,41 @@ def _nodes(graph_def: Any) -> list[GraphNode]:
     return nodes
 
 
+# The torch releases whose private graph helpers `_graph_def` was checked on (pyproject allows >= the first).
+GRAPH_HELPERS_CHECKED = ((2, 6), (2, 14))
+
+
+def torch_release(version: str = torch.__version__) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as "2.14.1+cu130"."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def _graph_def(model: nn.Module, example: torch.Tensor) -> Any:
     """TensorBoard's GraphDef of a trace (as `SummaryWriter.add_graph` builds it, without its second,
-    checking run of the model: half the time)."""
+    checking run of the model: half the time).
+
+    The one place that uses torch's private helpers (`torch.utils.tensorboard._pytorch_graph.parse`,
+    `torch._C._jit_pass_inline`; unchanged from 2.6 to 2.14). A release without them gets an error
+    naming it, and the caller shows the layer table instead."""
     from tensorboard.compat.proto.graph_pb2 import GraphDef
     from tensorboard.compat.proto.versions_pb2 import VersionDef
-    from torch.utils.tensorboard._pytorch_graph import parse
 
+    try:
+        from torch.utils.tensorboard._pytorch_graph import parse
+
+        inline = torch._C._jit_pass_inline
+    except (ImportError, AttributeError) as exc:
+        first, last = (".".join(map(str, v)) for v in GRAPH_HELPERS_CHECKED)
+        newer = " (newer than the releases checked)" if torch_release() > GRAPH_HELPERS_CHECKED[1] else ""
+        raise RuntimeError(f"torch {torch.__version__}{newer} lacks the private graph helpers runner uses "
+                           f"(checked on torch {first} to {last}): {exc}") from exc
     with warnings.catch_warnings():  # here only: torch.jit.trace's deprecation notice and tracer remarks
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*", category=FutureWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         trace = torch.jit.trace(model, (example,), strict=False, check_trace=False)
     graph = trace.graph
-    torch._C._jit_pass_inline(graph)
+    inline(graph)
     return GraphDef(node=parse(graph, trace, (example,)), versions=VersionDef(producer=22))
 
 

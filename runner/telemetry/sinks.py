@@ -1,9 +1,10 @@
-"""Which sinks a run gets: the console always (a live bar unless --no-progress), TensorBoard and/or
-Visdom as --viz says."""
+"""Which sinks a run gets: the console and the diagnosis (findings.json, summary.json) always,
+TensorBoard and/or Visdom as --viz says."""
 
 from __future__ import annotations
 
 from runner.config import TrainConfig
+from runner.diagnosis.sink import DiagnosisSink
 from runner.telemetry.console import ConsoleSink
 from runner.telemetry.events import Sink
 
@@ -13,7 +14,8 @@ def build_sinks(cfg: TrainConfig, total_steps: int, start_step: int = 0) -> list
 
     `start_step` > 0 on resume: sinks drop what an earlier attempt logged after that step.
     """
-    sinks: list[Sink] = [ConsoleSink(total_steps, cfg.name, live=None if cfg.progress else False)]
+    sinks: list[Sink] = [ConsoleSink(total_steps, cfg.name, live=None if cfg.progress else False),
+                         DiagnosisSink(cfg.run_path, cfg.name, start_step=start_step)]
     if cfg.viz in ("tensorboard", "both"):
         from dashboards.tensorboard import TensorBoardSink
 

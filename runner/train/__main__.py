@@ -1,15 +1,36 @@
-"""The per-process training entry point: `python -m runner.train [runner train flags]`.
+"""The per-process training entry point: `python -m runner.train [--config FILE] [train flags]`.
 
-This is what the supervisor starts, and what torchrun runs on every rank:
-`torchrun --nproc_per_node=N -m runner.train --model cnn ...` works for users who launch
-torchrun themselves (cluster scripts, `srun torchrun ...`).
+It trains in this process, with the same flags as `runner train` (runner/train_command.py) but no RUNNER_*
+environment variables (the config it is given is already resolved). This is what the supervisor starts,
+and what torchrun runs on every rank, so that
+`torchrun --nproc_per_node=N -m runner.train --model cnn ...` works for users who launch torchrun
+themselves (cluster scripts, `srun torchrun ...`).
 """
 
-import os
+from __future__ import annotations
+
 import sys
 
-os.environ["RUNNER_IN_PROCESS"] = "1"
+import typer
 
-from runner.cli import main  # noqa: E402
+from runner.cli_errors import run_app
+from runner.config import TrainConfig
+from runner.procs.rank_exit import exit_code_noted
+from runner.train_command import make_train_command
 
-main(["train", *sys.argv[1:]])
+
+def _train_here(cfg: TrainConfig) -> int:
+    """Prepare the run folder, then train in this process (one rank under torchrun)."""
+    from runner.launch import prepare_run_dir
+    from runner.train.run import run_training
+
+    prepare_run_dir(cfg)
+    return run_training(cfg)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app.command()(make_train_command(_train_here, environment=False))
+
+if __name__ == "__main__":
+    with exit_code_noted():  # a rank ends without interpreter finalization (see runner/procs/rank_exit.py)
+        run_app(app, sys.argv[1:], prog_name="python -m runner.train")

@@ -1,14 +1,17 @@
-"""Checkpoints: written atomically (temp file in the same folder, fsync, rename), loaded weights-only."""
+"""Checkpoints: what they hold (`build_state`, `restore`), written atomically (temp file in the same
+folder, fsync, rename), loaded weights-only."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from runner.errors import RunnerError
 
@@ -45,3 +48,56 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise RunnerError(f"checkpoint {path} is not a runner checkpoint (no model/step)", 2)
     return state
+
+
+@dataclass
+class Progress:
+    """How far a run has come: what a resumed run must go on from, beside the weights."""
+
+    step: int = 0  # training steps taken (batches trained on)
+    skipped: int = 0  # unreadable samples so far
+    amp_skipped: int = 0  # of the steps, those whose update GradScaler skipped (inf/NaN gradients)
+
+
+def build_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                progress: Progress, config_text: str) -> dict[str, Any]:
+    """What last.pt holds: weights, optimizer and scaler state, progress, the CPU RNG and the config."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "step": progress.step,
+        "skipped": progress.skipped,
+        "amp_skipped": progress.amp_skipped,
+        "rng": torch.get_rng_state(),
+        "config": config_text,
+    }
+
+
+def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None) -> Progress:
+    """Load `state` (from `path`) into the model, optimizer, scaler and the CPU RNG; a one-line
+    RunnerError (exit 2) when it does not fit this model or optimizer."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise RunnerError(f"checkpoint {path} does not fit this model/optimizer ({str(exc).splitlines()[0]})",
+                          2) from None
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
+    return Progress(int(state["step"]), int(state.get("skipped", 0)), int(state.get("amp_skipped", 0)))
+
+
+def read_for_resume(resume: str, own: Path) -> tuple[Path | None, dict[str, Any] | None, tuple[str, int] | None]:
+    """--resume (auto: the run's own last.pt `own`, if any; never; or a PATH): the path, its state, or
+    the error (message, exit code) to raise on every rank once they all know it."""
+    path = None if resume == "never" else (own if own.is_file() else None) if resume == "auto" else Path(resume)
+    if path is None:
+        return None, None, None
+    try:
+        return path, load(path), None
+    except RunnerError as exc:
+        return path, None, (str(exc), exc.code)

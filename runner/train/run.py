@@ -33,9 +33,11 @@ def run_training(cfg: TrainConfig) -> int:
             hub = Hub(build_sinks(cfg, trainer.total_steps, start_step=trainer.step))
         return trainer.fit(hub)
     except BaseException as exc:
-        if hub.active:
-            hub.emit(Text(tag="status", step=trainer.step if trainer else 0, rank=strategy.rank,
-                          text=f"failed: {exc}" if str(exc) else f"failed: {type(exc).__name__}"))
+        text = f"failed: {exc}" if str(exc) else f"failed: {type(exc).__name__}"
+        if trainer is not None:
+            trainer.reporter.end(trainer.step, trainer.batch_size, text, "failed")  # with the HParams end
+        elif hub.active:
+            hub.emit(Text(tag="status", step=0, rank=strategy.rank, text=text))
         raise
     finally:
         try:

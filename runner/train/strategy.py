@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch.utils.data import Dataset, Sampler
 from runner.config import TrainConfig
 from runner.data import EpochSampler, ResumableDistributedSampler, class_weights
 from runner.errors import RunnerError, usage_error
+from runner.procs import control, rank_exit
+from runner.procs.signals import stop_requested
 
 log = logging.getLogger("runner")
 
@@ -42,8 +45,8 @@ def _attempt_store(timeout: timedelta) -> dist.Store | None:
     torchrun (torch ≥ 2.5) shares its rendezvous store with the workers and, on a restart, hands the
     new workers the same store without separating attempts: the new group reads the old group's keys
     and hangs in init (pytorch#135712). On one node (one agent, so one restart count for all ranks) a
-    prefix per attempt fixes it. `runner train` turns the sharing off instead (see launch.py), which
-    also holds across nodes, where restart counts differ between agents.
+    prefix per attempt fixes it. Across nodes, where restart counts differ between agents, `runner train`
+    turns the sharing off instead (see launch.py).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
@@ -170,13 +173,28 @@ class DistributedStrategy(Strategy):
                                         rank=self.rank, world_size=self.world_size)
             except (RuntimeError, ValueError) as exc:
                 raise RunnerError(f"rank {self.rank}: cannot join the process group ({exc})") from None
+            rank_exit.arm()  # gloo's worker threads must not outlive us into interpreter finalization
+        self._alive_hook: Any = None
+        self._said_alive = False
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self._alive_hook = wrapped.register_forward_pre_hook(lambda _module, _args: self._going_on())
+        return wrapped
+
+    def _going_on(self) -> None:
+        """This rank began a step or a collective: after a stop signal, tell the supervisor that it is
+        not blocked in data loading (control.py); once, then the forward hook goes."""
+        if self._said_alive or stop_requested() is None:
+            return
+        self._said_alive = True
+        if self._alive_hook is not None:
+            self._alive_hook.remove()
+        control.tell(f"alive-{self.local_rank}")
 
     def sampler(self, dataset: Dataset, seed: int) -> Sampler[int]:
         if self.cfg.weighted_sampling:
@@ -188,28 +206,47 @@ class DistributedStrategy(Strategy):
                                            shuffle=True, seed=seed, drop_last=True)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._going_on()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def gather(self, obj: Any) -> list[Any]:
+        self._going_on()
         out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out or []
 
     def broadcast(self, obj: Any) -> Any:
+        self._going_on()
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
+        self._going_on()
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
+        """Destroy the process group. Called from a `finally` while an exception propagates (this rank
+        failed), abort it instead: peers may be inside a collective this rank will never join, and
+        NCCL's orderly destroy would wait for them; tell the supervisor, which ends those peers."""
+        if not dist.is_initialized():
+            return
+        failure = sys.exc_info()[1]
+        if failure is None:
+            self._going_on()
             dist.destroy_process_group()
+            return
+        lines = str(failure).strip().splitlines()
+        control.tell(f"failed-{os.getpid()}", f"rank {self.rank} failed: {type(failure).__name__}"
+                                             f"{': ' + lines[0] if lines else ''}")
+        try:
+            dist.group.WORLD.abort()  # NCCL: abort the communicators; gloo has nothing to abort
+        finally:
+            dist.destroy_process_group()  # forget the group (no collective, nothing waits on peers)
 
 
 def make_strategy(cfg: TrainConfig) -> Strategy:

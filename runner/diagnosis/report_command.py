@@ -1,0 +1,28 @@
+"""`runner report RUN`: a one-screen summary of a run, finished, live or killed, from its files (no torch)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from runner.errors import RunnerError
+
+
+def report(
+    run: str = typer.Argument(..., metavar="RUN", help="A run name (under --run-dir) or a run folder."),
+    run_dir: str = typer.Option("runs", "--run-dir", envvar="RUNNER_RUN_DIR", help="Folder of runs."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Status and exit reason, steps, throughput, where the step's time goes, peak memory, the findings
+    with their evidence and advice, and where the dashboards' data lies."""
+    from runner.diagnosis.report import build_report, find_run, render
+
+    try:
+        folder = find_run(run, run_dir)
+    except RunnerError as exc:
+        print(f"runner: error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.code) from None
+    found = build_report(folder)
+    print(json.dumps(found, indent=2, default=str) if as_json else render(found))

@@ -1,0 +1,40 @@
+"""The optimizer and mixed-precision choices, in one place for the trainer and the memory tools.
+
+Below both `runner/train` and `runner/memory`, so neither has to import the other for them: the
+memory estimate, the auto-batch trials and the loop must all train the way the run will.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+    """sgd, momentum (SGD, 0.9), adam, adamw. `fused` (CUDA parameters only): one kernel for the whole
+    update, and under GradScaler the skip of an inf/NaN step happens inside it; GradScaler's generic
+    path reads `found_inf` with a host sync at every step."""
+    extra = {"fused": True} if fused else {}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, **extra)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **extra)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def amp_dtype(device_type: str, amp: bool) -> torch.dtype | None:
+    """The autocast dtype under --amp: fp16 on CUDA (with a GradScaler), bf16 elsewhere (its range
+    needs no scaler; CPU autocast supports only bf16 well). None without --amp."""
+    if not amp:
+        return None
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def make_scaler(device_type: str, amp: bool) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast on CUDA; None where no scaling is needed (fp32, bf16)."""
+    if amp and device_type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None

@@ -1,0 +1,176 @@
+"""What the trainer tells the hub: per-step observations, the log point's scalars, start and end.
+
+Per step, only device work and non-blocking copies: memory samples are host readings; image grids
+and histograms are computed on the device and their events made at the next log point, once the
+log point's sync has landed their copies (a caption needs the labels, and gradients that turned out
+non-finite are not plotted). Under DDP the log point gathers every rank's memory samples and time
+breakdown on rank 0 in one gather.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from runner import config as config_io
+from runner.config import TrainConfig
+from runner.memory.live import LiveEstimate
+from runner.tasks import ClassifyTask, DenoiseTask
+from runner.telemetry.events import Event, Graph, Histogram, HParams, ImageGrid, MemorySample, Scalar, Text
+from runner.telemetry.hub import Hub
+from runner.telemetry.memory import MemoryProbe
+from runner.telemetry.model_graph import trace_graph
+from runner.telemetry.tensor_stats import grid_event, parameter_stats, without_nonfinite_gradients
+from runner.train.log_window import Totals
+from runner.train.step_clock import PARTS
+from runner.train.strategy import Strategy
+
+HPARAMS = ("model", "data", "optimizer", "lr", "batch_size", "image_size", "amp", "strategy", "seed")
+
+
+class Reporter:
+    """Builds and emits the events of a run; rank > 0 only takes part in the log point's gather."""
+
+    def __init__(self, cfg: TrainConfig, strategy: Strategy, task: ClassifyTask | DenoiseTask,
+                 probe: MemoryProbe) -> None:
+        self.cfg, self.strategy, self.task, self.probe = cfg, strategy, task, probe
+        self.rank, self.world = strategy.rank, strategy.world_size
+        self.hub = Hub([])
+        self.pending: list[Callable[[], list[Event]]] = []  # made at the next log point
+        self.memory_window: list[tuple[int, dict[str, float]]] = []
+        self.last_scalars: dict[str, float] = {}
+        self.graph: Graph | None = None
+
+    # --- every step ------------------------------------------------------------------------
+
+    def observe(self, step: int, model: nn.Module, inputs: Any, output: Any, targets: Any) -> None:
+        cfg, hub = self.cfg, self.hub
+        if step % cfg.memory_every == 0 and (self.world > 1 or hub.wants(MemorySample)):
+            sample = self.probe.sample()
+            if hub.active:
+                hub.emit(MemorySample(tag="memory", step=step, rank=self.rank, values=sample, world_size=self.world))
+            if self.world > 1:
+                self.memory_window.append((step, sample))
+        if (step % cfg.images_every == 0 or step == 1) and hub.wants(ImageGrid):
+            make = grid_event(self.task.grid(inputs, output, targets), step, self.rank)
+            self.pending.append(lambda: [make()])
+        if (step % cfg.hist_every == 0 or step == 1) and hub.wants(Histogram):
+            events = parameter_stats(model, step, self.rank)
+            self.pending.append(lambda: without_nonfinite_gradients(events))
+
+    # --- log points ------------------------------------------------------------------------
+
+    def log_point(self, step: int, steps: int, totals: Totals, times: dict[str, float], lr: float,
+                  amp_skipped: int, amp_scale: float | None) -> None:
+        """Emit the window's scalars (after the window's reduction, whose sync landed every copy)."""
+        everyone = self._gather(step, times)
+        mean = {key: sum(t[key] for t in everyone) / len(everyone) for key in times}
+        samples = max(totals.samples, 1.0)
+        values = {
+            f"train/{self.task.metric_name}": totals.metric / samples,
+            "train/lr": lr,
+            "train/samples_per_s": samples / max(mean["step"] * steps / 1000, 1e-9),
+            "train/step_time_ms": times["step"],
+            "train/data_wait_ms": mean["data_wait"],
+            "train/skipped": totals.skipped,
+            "train/amp_skipped": float(amp_skipped),
+            "train/loss": totals.loss / samples,  # after the metric and samples/s: the console prints on it
+        }
+        if amp_scale is not None:
+            values["train/amp_scale"] = amp_scale
+        values.update({f"time/{part}_ms": mean[part] for part in (*PARTS, "step")})
+        if self.world > 1:
+            values.update(self._per_rank(everyone))
+        values.update(self.hub.health())
+        self.last_scalars = values
+        if not self.hub.active:
+            self.pending.clear()
+            return
+        for tag, value in values.items():
+            self.hub.emit(Scalar(tag=tag, step=step, rank=self.rank, value=value))
+        pending, self.pending = self.pending, []
+        for make in pending:
+            for event in make():
+                self.hub.emit(event)
+
+    def _gather(self, step: int, times: dict[str, float]) -> list[dict[str, float]]:
+        """DDP: every rank's memory samples since the last log point and time breakdown, on rank 0
+        (one gather); the memory samples of the other ranks are emitted here."""
+        if self.world == 1:
+            return [times]
+        gathered = self.strategy.gather((self.memory_window, times))
+        self.memory_window = []
+        if not self.hub.active:
+            return [times]
+        for rank, (samples, _) in enumerate(gathered):
+            if rank == self.rank:
+                continue  # rank 0 emitted its own live
+            for step, values in samples:
+                self.hub.emit(MemorySample(tag="memory", step=step, rank=rank, values=values, world_size=len(gathered)))
+        key = "allocated" if self.strategy.device.type == "cuda" else "rss"
+        latest = [samples[-1][1][key] for samples, _ in gathered if samples]
+        if latest:
+            lo, hi = min(latest), max(latest)
+            for tag, value in (("min", lo), ("max", hi), ("skew", (hi - lo) / max(hi, 1.0))):
+                self.hub.emit(Scalar(tag=f"memory/ranks_{key}_{tag}", step=step, rank=self.rank, value=value))
+        return [t for _, t in gathered]
+
+    @staticmethod
+    def _per_rank(everyone: list[dict[str, float]]) -> dict[str, float]:
+        """`time/<part>_ms/rank<r>`, the slowest rank and the skew of the step time over ranks."""
+        values = {f"time/{part}_ms/rank{rank}": t[part] for rank, t in enumerate(everyone) for part in (*PARTS, "step")}
+        steps = [t["step"] for t in everyone]
+        slowest = max(range(len(steps)), key=steps.__getitem__)
+        values["time/slowest_rank"] = float(slowest)
+        values["time/skew"] = (steps[slowest] - min(steps)) / max(steps[slowest], 1e-9)
+        return values
+
+    # --- start and end ---------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Set-up for the dashboards before the first step, so that step 1 pays none of it: the
+        image-grid import and the model graph (the writer only)."""
+        if self.cfg.viz == "none" or not self.strategy.is_writer:
+            return
+        import torchvision.utils  # noqa: F401 - image grids (~0.5 s to import)
+
+        if self.cfg.graph:  # tracing takes ~0.2 s even for Tiny-UNet
+            device = self.strategy.device
+            own_rng = torch.Generator(device).manual_seed(0)  # the run's random stream stays as it was
+            example = torch.rand(2, *input_shape, device=device, generator=own_rng)
+            self.graph = trace_graph(model, example, rank=self.rank)
+
+    def start(self, step: int, text: str, resumed_from: Any, batch_search: Any, model: nn.Module,
+              input_shape: tuple[int, ...], batch_size: int) -> LiveEstimate:
+        """The start's events (config, status, HParams opening the session, graph); returns the memory
+        estimate that measures the first step's activations, then emits its events."""
+        emit = self.hub.emit
+        emit(Text(tag="config", step=step, rank=self.rank, text=config_io.dumps(self.cfg)))
+        if resumed_from is not None:
+            emit(Text(tag="status", step=step, rank=self.rank, text=f"resumed from {resumed_from} at step {step}"))
+        emit(Text(tag="status", step=step, rank=self.rank, text=text))
+        if batch_search is not None:
+            emit(Text(tag="auto_batch", step=step, rank=self.rank, text=batch_search.text()))
+        names = ("train/loss", f"train/{self.task.metric_name}")  # the HParams table's metric columns
+        emit(self.hparams(step, batch_size, dict.fromkeys(names, math.nan), status=""))
+        if self.graph is not None and step == 0 and self.hub.wants(Graph):
+            emit(self.graph)
+        return LiveEstimate(self.cfg, model, input_shape, batch_size, self.strategy.device.type, emit, step, self.rank)
+
+    def end(self, step: int, batch_size: int, text: str, status: str) -> None:
+        """The final status line and the HParams with the end status (finished | stopped | failed)."""
+        if not self.hub.active:
+            return
+        self.hub.emit(Text(tag="status", step=step, rank=self.rank, text=text))
+        names = ("train/loss", f"train/{self.task.metric_name}")
+        metrics = {k: self.last_scalars.get(k, math.nan) for k in names}
+        self.hub.emit(self.hparams(step, batch_size, metrics, status))
+
+    def hparams(self, step: int, batch_size: int, metrics: dict[str, float], status: str) -> HParams:
+        hparams = {k: v for k, v in self.cfg.to_dict().items() if k in HPARAMS}
+        hparams["batch_size"] = batch_size
+        return HParams(tag="hparams", step=step, rank=self.rank, hparams=hparams, metrics=metrics, status=status)

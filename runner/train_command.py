@@ -1,0 +1,196 @@
+"""The `train` command's flags, shared by `runner train` and the trainer's own entry point `python -m runner.train`.
+
+Every flag defaults to None, so that a flag overrides `--config FILE` only when it is given (or set by its
+environment variable); the help shows the value the run gets when neither sets it. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import typer
+
+from runner import config as config_io
+from runner.cli_errors import run_command
+from runner.config import TrainConfig
+
+_DEFAULTS = TrainConfig()
+_W = "Workload"
+_O = "Optimisation"
+_D = "Distribution"
+_V = "Observability"
+_R = "Run"
+
+
+def _shown(field: str) -> str:
+    value = getattr(_DEFAULTS, field)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _checker(allowed: Sequence[str]) -> Callable[[Optional[str]], Optional[str]]:
+    """A flag's value check: a value outside `allowed` is a usage error that suggests the closest one."""
+
+    def check(value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"unknown {value!r}: {config_io.choice_hint(value, allowed)}")
+        return value
+
+    return check
+
+
+def _completer(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """Shell completion of a flag's value from `allowed`."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [choice for choice in allowed if choice.startswith(incomplete)]
+
+    return complete
+
+
+def _option(field: str, help: str, panel: str, *decls: str, choices: Sequence[str] = (), strict: bool = True,
+            default: str | None = None, envvar: str | None = None, metavar: str | None = None) -> Any:
+    """A train flag (default None) whose help shows the field's default, its choices and its env var."""
+    extra: dict[str, Any] = {}
+    if choices:
+        extra["autocompletion"] = _completer(choices)
+        metavar = metavar or f"[{'|'.join(choices)}]"
+        if strict:
+            extra["callback"] = _checker(choices)
+    if envvar:
+        extra.update(envvar=envvar, show_envvar=True)
+    return typer.Option(None, *decls, help=help, rich_help_panel=panel, metavar=metavar,
+                        show_default=_shown(field) if default is None else default, **extra)
+
+
+def make_train_command(action: Callable[[TrainConfig], int], environment: bool = True) -> Callable[..., None]:
+    """The typer `train` command: resolve the config (defaults < `--config` < env vars < flags), then run
+    `action(cfg)` with its return value as exit code, or with `--print-config` print the resolved TOML.
+
+    `environment=False` reads no RUNNER_* variables: a trainer started with the resolved config.toml of a
+    `runner train` must not let the environment override what that command's flags decided.
+    """
+
+    def env(name: str) -> str | None:
+        return name if environment else None
+
+    def train(
+        ctx: typer.Context,
+        config: Optional[str] = typer.Option(None, "--config", metavar="FILE", rich_help_panel=_R,
+                                             help="TOML file with a train table; flags and env vars override it."),
+        print_config: bool = typer.Option(False, "--print-config", rich_help_panel=_R,
+                                          help="Print the resolved configuration as TOML and exit (runs nothing)."),
+        model: Optional[str] = _option("model", "Built-in model, or package.module:factory.", _W,
+                                       choices=config_io.MODELS, strict=False,
+                                       metavar=f"[{'|'.join(config_io.MODELS)}|MODULE:FACTORY]"),
+        data: Optional[str] = _option("data", "synthetic | imagefolder:PATH | paired:NOISY,CLEAN | mnist:ROOT | "
+                                              "cifar10:ROOT | package.module:factory.", _W, metavar="SOURCE"),
+        task: Optional[str] = _option("task", "auto: denoise for U-Nets and paired data, else classify.", _W,
+                                      choices=config_io.TASKS),
+        image_size: Optional[int] = _option("image_size", "Image side in pixels.", _W),
+        channels: Optional[int] = _option("channels", "Image channels (synthetic, imagefolder).", _W),
+        num_classes: Optional[int] = _option("num_classes", "Classes of the synthetic set.", _W),
+        samples: Optional[int] = _option("samples", "Size of the synthetic set.", _W),
+        noise_sigma: Optional[float] = _option("noise_sigma", "Denoising noise level.", _W),
+        download: Optional[bool] = _option("download", "Allow mnist/cifar10 to download.", _W, "--download"),
+        weighted_sampling: Optional[bool] = _option("weighted_sampling", "Inverse class-frequency sampling.", _W,
+                                                    "--weighted-sampling"),
+        steps: Optional[int] = _option("steps", "Optimizer steps in all.", _O, default="100, or from --epochs"),
+        epochs: Optional[int] = _option("epochs", "Epochs (used when --steps is not given).", _O, default="none"),
+        batch_size: Optional[str] = _option("batch_size", "Per-process batch size, or auto (the largest that "
+                                                          "fits).", _O, metavar="INTEGER|auto"),
+        max_batch_size: Optional[int] = _option("max_batch_size", "Cap for --batch-size auto.", _O),
+        memory_budget: Optional[str] = _option("memory_budget", "CPU budget for --batch-size auto, e.g. 2GiB.", _O,
+                                               default="a share of the available RAM", metavar="SIZE"),
+        lr: Optional[float] = _option("lr", "Learning rate.", _O),
+        optimizer: Optional[str] = _option("optimizer", "Optimizer.", _O, choices=config_io.OPTIMIZERS),
+        weight_decay: Optional[float] = _option("weight_decay", "Weight decay.", _O),
+        amp: Optional[bool] = _option("amp", "Mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU).", _O,
+                                      "--amp/--no-amp"),
+        seed: Optional[int] = _option("seed", "Seed for data, init and order.", _O),
+        workers: Optional[int] = _option("workers", "DataLoader worker processes.", _O,
+                                         envvar=env("RUNNER_WORKERS")),
+        worker_start_method: Optional[str] = _option("worker_start_method", "How DataLoader workers start.", _O,
+                                                     choices=config_io.START_METHODS),
+        device: Optional[str] = _option("device", "auto: CUDA when available.", _O, choices=config_io.DEVICES,
+                                        envvar=env("RUNNER_DEVICE")),
+        strategy: Optional[str] = _option("strategy", "One device, nn.DataParallel, or DDP through torchrun.", _D,
+                                          choices=config_io.STRATEGIES),
+        gpus: Optional[str] = _option("gpus", "dp: GPU ids, e.g. 0,1.", _D, default="all visible", metavar="IDS"),
+        nproc: Optional[int] = _option("nproc", "ddp: processes per node.", _D),
+        nnodes: Optional[str] = _option("nnodes", "ddp: torchrun --nnodes.", _D, metavar="N|MIN:MAX"),
+        node_rank: Optional[int] = _option("node_rank", "ddp: torchrun --node-rank.", _D),
+        rdzv_endpoint: Optional[str] = _option("rdzv_endpoint", "ddp: torchrun --rdzv-endpoint.", _D,
+                                               default="none (one node)", metavar="HOST:PORT"),
+        rdzv_id: Optional[str] = _option("rdzv_id", "ddp: torchrun --rdzv-id.", _D, default="the run name",
+                                         metavar="ID"),
+        max_restarts: Optional[int] = _option("max_restarts", "ddp: torchrun --max-restarts.", _D),
+        sync_bn: Optional[bool] = _option("sync_bn", "ddp on CUDA: SyncBatchNorm.", _D, "--sync-bn"),
+        viz: Optional[str] = _option("viz", "Dashboards to stream to.", _V, choices=config_io.VIZ,
+                                     envvar=env("RUNNER_VIZ")),
+        experiment: Optional[str] = _option("experiment", "Visdom env group and TensorBoard hparams experiment.",
+                                            _V, default="<model>-<data kind>", metavar="NAME"),
+        log_every: Optional[int] = _option("log_every", "Scalars every N steps.", _V),
+        images_every: Optional[int] = _option("images_every", "Image grid every N steps.", _V),
+        hist_every: Optional[int] = _option("hist_every", "Histograms every N steps.", _V),
+        memory_every: Optional[int] = _option("memory_every", "Memory sample every N steps.", _V),
+        system_every: Optional[float] = _option("system_every", "Seconds between NVML/psutil samples.", _V),
+        graph: Optional[bool] = _option("graph", "Log the model graph once.", _V, "--graph/--no-graph"),
+        visdom_url: Optional[str] = _option("visdom_url", "Visdom server.", _V, envvar=env("RUNNER_VISDOM_URL"),
+                                            default="local, started if down", metavar="URL"),
+        visdom_port: Optional[int] = _option("visdom_port", "Port of the local Visdom server.", _V,
+                                             envvar=env("RUNNER_VISDOM_PORT")),
+        progress: Optional[bool] = _option("progress", "Live progress bar on a terminal (else a line per log "
+                                                       "point).", _V, "--progress/--no-progress"),
+        run_dir: Optional[str] = _option("run_dir", "Folder of runs.", _R, envvar=env("RUNNER_RUN_DIR"),
+                                         metavar="DIR"),
+        name: Optional[str] = _option("name", "Run name (folder under --run-dir).", _R,
+                                      default="<model>-<data kind>-<time>"),
+        resume: Optional[str] = _option("resume", "auto: continue the run's last.pt if any; never; or a PATH.", _R,
+                                        metavar="auto|never|PATH"),
+        checkpoint_every: Optional[int] = _option("checkpoint_every", "Write last.pt every N steps.", _R),
+        on_nan: Optional[str] = _option("on_nan", "On a NaN/inf loss: stop, or skip the step.", _R,
+                                        choices=config_io.ON_NAN),
+        oom: Optional[str] = _option("oom", "On out-of-memory: stop, or retry with half the batch.", _R,
+                                     choices=config_io.ON_OOM),
+        memory_snapshot: Optional[bool] = _option("memory_snapshot", "CUDA: record allocator history for the OOM "
+                                                                     "post-mortem.", _R, "--memory-snapshot"),
+        profile: Optional[str] = _option("profile", "torch.profiler over steps START:STOP (trace in "
+                                                    "<run>/profile/).", _R, default="off", metavar="START:STOP"),
+        debug: Optional[bool] = _option("debug", "Show tracebacks.", _R, "--debug"),
+    ) -> None:
+        """Train a model, streaming scalars, images, histograms, the graph and memory to the dashboards."""
+        overrides = {key: value for key, value in ctx.params.items() if key not in ("config", "print_config")}
+
+        def body() -> int:
+            cfg = config_io.resolve(config, overrides)
+            if print_config:
+                sys.stdout.write(config_io.dumps(cfg))
+                return 0
+            log_to_stderr()
+            return action(cfg)
+
+        run_command(body, debug=bool(debug))
+
+    return train
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (the CLI's, or a test runner's capture)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def log_to_stderr() -> None:
+    """The runner's INFO messages (`runner: ...`) go to stderr; set up once per process."""
+    logger = logging.getLogger("runner")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("runner: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

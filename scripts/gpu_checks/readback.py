@@ -1,0 +1,101 @@
+"""Reading a run back as plain data for the judges: TensorBoard event files (EventAccumulator), a Visdom
+env through its server, an OOM post-mortem folder with its allocator snapshot. Works on CPU runs too
+(the CPU tests read real runs with these)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Board:
+    """What TensorBoard holds for a run."""
+
+    scalars: dict[str, dict[int, float]] = field(default_factory=dict)
+    images: list[str] = field(default_factory=list)
+    histograms: list[str] = field(default_factory=list)
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    graph: bool = False
+
+    def steps(self, tag: str) -> list[int]:
+        return sorted(self.scalars.get(tag, {}))
+
+    def values(self, tag: str) -> list[float]:
+        series = self.scalars.get(tag, {})
+        return [series[s] for s in sorted(series)]
+
+
+def board(run: Path) -> Board:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    out = Board(images=list(tags.get("images", [])), histograms=list(tags.get("histograms", [])),
+                graph=bool(tags.get("graph")))
+    for tag in tags.get("scalars", []):
+        out.scalars[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+    for tag in tags.get("tensors", []):
+        if tag.endswith("/text_summary"):
+            out.texts[tag.removesuffix("/text_summary")] = [
+                e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag) if e.tensor_proto.string_val]
+    return out
+
+
+def visdom_windows(url: str, env: str) -> dict[str, dict[str, Any]]:
+    """Every window of `env` as the server holds it (POST /win_data, as the visdom client does)."""
+    body = json.dumps({"eid": env, "win": None}).encode()
+    request = urllib.request.Request(url.rstrip("/") + "/win_data", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def visdom_envs(env_path: Path) -> list[str]:
+    """The envs a server saved under its -env_path (one JSON file each)."""
+    return sorted(p.stem for p in env_path.glob("*.json"))
+
+
+def window_types(windows: dict[str, dict[str, Any]]) -> dict[str, int]:
+    return dict(Counter(str(w.get("type", "?")) for w in windows.values()))
+
+
+@dataclass
+class PostMortem:
+    files: list[str]
+    summary: str
+    snapshot_keys: list[str]
+    snapshot_ooms: int
+    viewer_ok: bool
+
+
+def post_mortem(folder: Path) -> PostMortem:
+    """The OOM folder: its files, memory_summary, and the snapshot as the memory-viz tools read it."""
+    files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    summary_file = folder / "memory_summary.txt"
+    summary = summary_file.read_text() if summary_file.is_file() else ""
+    keys: list[str] = []
+    ooms, viewer_ok = 0, False
+    snapshot_file = folder / "memory_snapshot.pickle"
+    if snapshot_file.is_file():
+        with snapshot_file.open("rb") as fh:
+            snapshot = pickle.load(fh)
+        keys = sorted(snapshot)
+        ooms = sum(1 for trace in snapshot.get("device_traces", []) for entry in trace if entry.get("action") == "oom")
+        viewer_ok = _renders(snapshot)
+    return PostMortem(files, summary, keys, ooms, viewer_ok)
+
+
+def _renders(snapshot: dict[str, Any]) -> bool:
+    """torch's own snapshot tools (what pytorch.org/memory_viz runs) turn it into a page and a table."""
+    try:
+        from torch.cuda import _memory_viz
+
+        return bool(_memory_viz.trace_plot(snapshot)) and bool(_memory_viz.segsum(snapshot))
+    except Exception:  # noqa: BLE001 - any failure means the snapshot is not usable
+        return False
