@@ -30,6 +30,7 @@ VIZ = ("none", "tensorboard", "visdom", "both")
 STRATEGIES = ("single", "dp", "ddp")
 ON_NAN = ("stop", "skip")
 ON_OOM = ("stop", "retry")
+AMP_DTYPES = ("auto", "fp16", "bf16")
 START_METHODS = ("default", "fork", "spawn", "forkserver")
 DENOISE_MODELS = ("tinyunet", "unet")
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -61,6 +62,7 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     amp: bool = False
+    amp_dtype: str = "auto"  # under --amp; auto: fp16 + GradScaler on CUDA, bf16 on CPU
     seed: int = 0
     workers: int = 0
     worker_start_method: str = "default"
@@ -253,6 +255,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("on-nan", cfg.on_nan, ON_NAN)
     _choice("oom", cfg.oom, ON_OOM)
+    _choice("amp-dtype", cfg.amp_dtype, AMP_DTYPES)
     _choice("worker-start-method", cfg.worker_start_method, START_METHODS)
     if cfg.batch_size != "auto" and int(cfg.batch_size) < 1:
         raise usage_error(f"batch-size must be at least 1 (or auto), got {cfg.batch_size}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -166,8 +167,28 @@ def _torchvision_set(kind: str, root: Path, download: bool) -> Dataset:
 
 # --- unreadable samples ----------------------------------------------------------------------
 
+class Unreadable:
+    """What `SkipUnreadable` returns for a sample that failed to load: which file (or index), and why."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def sample_name(dataset: Dataset, index: int) -> str:
+    """The file behind sample `index` where the dataset lists them (ImageFolder's `samples`, `pairs`)."""
+    for attr in ("pairs", "samples", "imgs"):
+        items = getattr(dataset, attr, None)
+        if isinstance(items, list) and index < len(items) and isinstance(items[index], tuple):
+            first = items[index][0]
+            if isinstance(first, (str, os.PathLike)):
+                return str(first)
+    return f"sample {index}"
+
+
 class SkipUnreadable(Dataset):
-    """Wraps a dataset: a sample that fails to load (corrupt, truncated, not an image) becomes None."""
+    """Wraps a dataset: a sample that fails to load (corrupt, truncated, not an image) becomes `Unreadable`."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -178,17 +199,18 @@ class SkipUnreadable(Dataset):
     def __getitem__(self, index: int) -> Any:
         try:
             return self.dataset[index]
-        except UNREADABLE:
-            return None
+        except UNREADABLE as exc:
+            return Unreadable(f"{sample_name(self.dataset, index)} ({type(exc).__name__})")
 
 
 @dataclass
 class Batch:
-    """A collated batch and how many samples were dropped from it as unreadable."""
+    """A collated batch, how many samples were dropped from it as unreadable, and which."""
 
     inputs: torch.Tensor | None
     targets: torch.Tensor | None
     skipped: int
+    unreadable: tuple[str, ...] = ()
 
     def pin_memory(self) -> "Batch":
         if self.inputs is not None:
@@ -200,12 +222,12 @@ def collate_readable(samples: Sequence[Any]) -> Batch:
     """Default collate over the readable samples; counts the unreadable ones."""
     from torch.utils.data import default_collate
 
-    good = [s for s in samples if s is not None]
-    skipped = len(samples) - len(good)
+    good = [s for s in samples if not isinstance(s, Unreadable)]
+    names = tuple(s.name for s in samples if isinstance(s, Unreadable))
     if not good:
-        return Batch(None, None, skipped)
+        return Batch(None, None, len(names), names)
     inputs, targets = default_collate(good)
-    return Batch(inputs, targets, skipped)
+    return Batch(inputs, targets, len(names), names)
 
 
 # --- order -----------------------------------------------------------------------------------

@@ -25,16 +25,18 @@ def make_optimizer(name: str, params: Any, lr: float, weight_decay: float, fused
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **extra)
 
 
-def amp_dtype(device_type: str, amp: bool) -> torch.dtype | None:
-    """The autocast dtype under --amp: fp16 on CUDA (with a GradScaler), bf16 elsewhere (its range
-    needs no scaler; CPU autocast supports only bf16 well). None without --amp."""
+def amp_dtype(device_type: str, amp: bool, choice: str = "auto") -> torch.dtype | None:
+    """The autocast dtype under --amp: `choice` (fp16, bf16), or for auto fp16 on CUDA (with a GradScaler)
+    and bf16 elsewhere (its range needs no scaler; CPU autocast supports bf16 best). None without --amp."""
     if not amp:
         return None
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if choice == "auto":
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 
-def make_scaler(device_type: str, amp: bool) -> torch.amp.GradScaler | None:
-    """A GradScaler for fp16 autocast on CUDA; None where no scaling is needed (fp32, bf16)."""
-    if amp and device_type == "cuda":
+def make_scaler(device_type: str, amp: bool, choice: str = "auto") -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast on CUDA; None where no scaling is needed (fp32, bf16, CPU)."""
+    if device_type == "cuda" and amp_dtype(device_type, amp, choice) == torch.float16:
         return torch.amp.GradScaler("cuda")
     return None

@@ -111,6 +111,9 @@ def make_train_command(action: Callable[[TrainConfig], int], environment: bool =
         weight_decay: Optional[float] = _option("weight_decay", "Weight decay.", _O),
         amp: Optional[bool] = _option("amp", "Mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU).", _O,
                                       "--amp/--no-amp"),
+        amp_dtype: Optional[str] = _option("amp_dtype", "Autocast dtype under --amp (auto: fp16 on CUDA, bf16 on "
+                                                        "CPU; fp16 on CUDA adds a GradScaler).", _O,
+                                           choices=config_io.AMP_DTYPES),
         seed: Optional[int] = _option("seed", "Seed for data, init and order.", _O),
         workers: Optional[int] = _option("workers", "DataLoader worker processes.", _O,
                                          envvar=env("RUNNER_WORKERS")),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +56,26 @@ def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 1
     proc = subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
     return Outcome(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Iterator[Path]:
+    """The test's marker folder; at teardown every process still carrying it is killed."""
+    folder = tmp_path / "markers"
+    folder.mkdir(exist_ok=True)
+    yield folder
+    from procs_helpers import MARKERS_ENV
+    from runner.procs import proc_table
+    from tests.proc_runs import tagged
+
+    for pid, start in tagged(MARKERS_ENV, str(folder)).items():
+        fd = None
+        try:
+            fd = os.pidfd_open(pid)
+            if proc_table.is_same_process(pid, start):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)

@@ -84,7 +84,9 @@ def test_no_command_shows_the_help() -> None:
 
 
 def test_completion_script_and_completions() -> None:
-    script = cli("--show-completion", "bash")
+    # typer detects the shell the command runs in (as in a terminal): a bash that stays the parent
+    script = subprocess.run(["bash", "-c", f"{RUNNER} --show-completion; exit $?"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
     assert script.returncode == 0, script.stderr
     assert "_RUNNER_COMPLETE=complete_bash" in script.stdout and "complete -o default -F" in script.stdout
 

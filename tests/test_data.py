@@ -47,6 +47,11 @@ def test_imagefolder_skips_and_reports_unreadable(tmp_path: Path, cli) -> None:
               str(tmp_path / "runs"), "--name", "f", *TINY, "--progress")
     assert out.code == 0, out.stderr
     assert "skipped 3 unreadable sample(s)" in out.stderr
+    named = [line for line in out.stderr.splitlines() if "unreadable, skipped:" in line]
+    assert named and all(str(root / "dogs") in line for line in named), out.stderr
+    assert {"zero.png", "text.jpg", "truncated.png"} == {
+        Path(item.split(" (")[0]).name for line in named for item in line.split("skipped: ", 1)[1].split("; ")}
+    assert "(UnidentifiedImageError)" in out.stderr or "(OSError)" in out.stderr
 
 
 def test_all_unreadable_is_a_clear_error(tmp_path: Path, cli) -> None:

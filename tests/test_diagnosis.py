@@ -56,6 +56,8 @@ def test_unreadable_samples_from_a_dataset_with_broken_files(cli, tmp_path: Path
     finding = only(findings, "unreadable_samples")
     evidence = finding["evidence"]  # every fourth sample is broken: about a quarter of those loaded
     assert 0.1 <= evidence["share"] <= 0.4 and evidence["share"] == evidence["skipped"] / evidence["loaded"]
+    assert evidence["files"] and all(name.startswith("sample ") and name.endswith("(OSError)")
+                                     for name in evidence["files"]), evidence
     check_console_and_report(console, finding, tmp_path, "broken")
 
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from scripts.gpu_checks import judge, readback, verdict
 from scripts.gpu_checks.bundle import BUNDLE, LIMIT, SHELL_LINE

@@ -112,20 +112,18 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_help_is_fast_and_does_not_import_torch() -> None:
+def test_help_does_not_import_torch() -> None:
     import subprocess
 
     code = ("import sys, runner.cli as c\n"
             "for args in (['--help'], ['train', '--help'], ['cleanup', '--help'], ['memory', '--help'],"
-            " ['dashboards', '--help'], ['runs', '--help']):\n"
+            " ['dashboards', '--help'], ['runs', '--help'], ['report', '--help']):\n"
             "    try: c.app(args)\n"
             "    except SystemExit as e: assert e.code == 0, (args, e.code)\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
-    started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "--batch-size" in proc.stdout
-    assert time.perf_counter() - started < 5  # generous: a torch import alone takes longer here
+    assert "--batch-size" in proc.stdout and "--json" in proc.stdout
 
 
 # --- observing the run -------------------------------------------------------------------------

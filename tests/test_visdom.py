@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -36,8 +35,6 @@ def _steps(panes_log: Path, win: str, series: str) -> list[int]:
 
 @pytest.mark.slow
 def test_train_fills_the_runs_env(tmp_path: Path) -> None:
-    import torch  # noqa: F401 - the parameter counts below come from the real model
-
     from runner.models import build_model
 
     with VisdomServer(tmp_path / "envs") as server:
@@ -211,27 +208,25 @@ def _step_times(log: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_hung_server_does_not_stall_training(tmp_path: Path) -> None:
-    """(b) A socket that accepts and never answers: the run finishes and its steps take what they take without it."""
+    """(b) A socket that accepts and never answers: the run finishes, every step is in visdom.log, and no step
+    waited for the server (a send on the training thread would hold that step for the link's read timeout)."""
+    from dashboards.visdom_link import READ_TIMEOUT
+
     args = ["--model", "visdom_helpers:slow_model", "--steps", "25", "--log-every", "1", "--checkpoint-every", "100"]
-    code, err = _train(tmp_path, "base", f"http://127.0.0.1:{free_port()}", *args)
-    assert code == 0, err
     with HungServer() as hung:
-        started = time.monotonic()
         code, err = _train(tmp_path, "hung", hung.url, *args)
-        took = time.monotonic() - started
     assert code == 0, err
     assert err.count("is unreachable") == 1 and "no answer in time" in err and "Traceback" not in err
-    base, hung_times = _step_times(tmp_path / "base" / "visdom.log"), _step_times(tmp_path / "hung" / "visdom.log")
-    assert len(hung_times) == 25
-    # Robust: medians (not single steps) within a generous factor; a stall would add the 3 s read timeout.
-    assert statistics.median(hung_times) < 2 * statistics.median(base) + 50, (base, hung_times)
-    assert took < 120
+    step_ms = _step_times(tmp_path / "hung" / "visdom.log")
+    assert len(step_ms) == 25
+    # not a speed bound: a step is tens of ms; one that waited for the server would last the whole timeout
+    assert max(step_ms) < READ_TIMEOUT * 1000, step_ms
 
 
 @pytest.mark.slow
 def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
     """(c) The server dies mid-run and comes back on the same port: the env ends with every point of every step."""
-    steps = 120
+    steps = 200
     with VisdomServer(tmp_path / "envs") as server:
         env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
         env.pop("RUNNER_IN_PROCESS", None)
@@ -247,8 +242,11 @@ def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
                 assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
                 time.sleep(0.2)
             server.kill()
-            time.sleep(1.5)
-            assert proc.poll() is None, "the run ended while the server was down: make it longer"
+            # down until the run has noticed (a send that fails on a fresh connection), however long that takes
+            stderr = tmp_path / "stderr.txt"
+            while "is unreachable" not in stderr.read_text():
+                assert proc.poll() is None, "the run ended before it noticed the server was gone: make it longer"
+                time.sleep(0.1)
             server.start()
             assert proc.wait(180) == 0, (tmp_path / "stderr.txt").read_text()
         windows = by_title(server.windows("t_killed"))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import typer
 
-from runner.errors import RunnerError
+from runner.cli_errors import run_command
 
 
 def report(
@@ -19,10 +18,9 @@ def report(
     with their evidence and advice, and where the dashboards' data lies."""
     from runner.diagnosis.report import build_report, find_run, render
 
-    try:
-        folder = find_run(run, run_dir)
-    except RunnerError as exc:
-        print(f"runner: error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.code) from None
-    found = build_report(folder)
-    print(json.dumps(found, indent=2, default=str) if as_json else render(found))
+    def body() -> int:
+        found = build_report(find_run(run, run_dir))
+        print(json.dumps(found, indent=2, default=str) if as_json else render(found))
+        return 0
+
+    run_command(body)

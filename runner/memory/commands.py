@@ -92,6 +92,7 @@ def _measure(model: nn.Module, breakdown: Breakdown, task: str) -> dict[str, Any
     """Two real steps on the GPU: the measured peak beside the estimate, with the error in %."""
     import torch
 
+    from runner.memory.postmortem import is_out_of_memory
     from runner.memory.trial import measured_peak, release
 
     if not torch.cuda.is_available():
@@ -100,7 +101,9 @@ def _measure(model: nn.Module, breakdown: Breakdown, task: str) -> dict[str, Any
     try:
         peak: int | None = measured_peak(model, breakdown.optimizer, breakdown.input_shape, breakdown.batch_size,
                                          task, breakdown.amp, device)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # cuDNN/cuBLAS failures to allocate too
+        if not is_out_of_memory(exc):
+            raise
         peak = None
     release(model, device)
     if peak is None:

@@ -26,9 +26,9 @@ from runner.models import build_model
 from runner.optim import amp_dtype, make_optimizer, make_scaler
 from runner.procs.signals import StopRequested, deferred
 from runner.tasks import make_task
-from runner.telemetry.events import Text
 from runner.telemetry.hub import Hub
 from runner.telemetry.memory import MemoryProbe
+from runner.telemetry.sync_debug import SyncDebug
 from runner.train import checkpoint, first_nonfinite, oom
 from runner.train.log_window import LogWindow
 from runner.train.profiling import StepProfiler
@@ -81,8 +81,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.model = strategy.wrap(self.raw_model)
         self.raw_model = strategy.unwrap(self.model)  # --sync-bn may have replaced modules
-        self.amp_dtype = amp_dtype(self.device.type, cfg.amp)
-        self.scaler = make_scaler(self.device.type, cfg.amp)
+        self.amp_dtype = amp_dtype(self.device.type, cfg.amp, cfg.amp_dtype)
+        self.scaler = make_scaler(self.device.type, cfg.amp, cfg.amp_dtype)
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay,
                                         fused=self.scaler is not None)  # no sync per step under GradScaler
         if cfg.amp and self.scaler is None:
@@ -108,6 +108,7 @@ class Trainer:
         self.retry_at: int | None = None  # --oom retry: the batch (of the new size) to go on from
         self.live_estimate: Any = None  # with sinks: measures the activations of the first step, then emits
         self.agreed_stop: str | None = None  # DDP: a stop request every rank has seen (at a log point)
+        self.sync_debug = SyncDebug.from_env(self.device, self.rank)  # RUNNER_SYNC_DEBUG: count syncs per phase
 
     @property
     def hub(self) -> Hub:
@@ -196,11 +197,12 @@ class Trainer:
             epoch, offset = epoch + 1, 0
             if stop_reason is None:
                 stop_reason = self._stop_requested()
-        if window.steps:
-            self.clock.enter("telemetry")
-            self._log_point(window)
-        self.clock.enter("other")
-        self.save_checkpoint()
+        with self.sync_debug.outside_steady_state(self.step):
+            if window.steps:
+                self.clock.enter("telemetry")
+                self._log_point(window)
+            self.clock.enter("other")
+            self.save_checkpoint()
         if self.profiler is not None:
             self._profiled(self.profiler.finish())  # the run ended inside the window
         if stop_reason:
@@ -229,6 +231,8 @@ class Trainer:
                 break
             epoch_skipped += batch.skipped
             self.skipped += batch.skipped
+            if batch.unreadable:
+                self.reporter.unreadable(self.step, batch.unreadable)
             stand_in = batch.inputs is None
             if stand_in:  # every sample unreadable
                 if self.strategy.world_size == 1:
@@ -251,9 +255,8 @@ class Trainer:
             self.clock.enter("other")
             if self.step >= self.total_steps or self._stop_requested():
                 break
-        if epoch_skipped and self.hub.active:
-            self.hub.emit(Text(tag="status", step=self.step, rank=self.rank,
-                               text=f"epoch done: skipped {epoch_skipped} unreadable sample(s)"))
+        if epoch_skipped:
+            self.reporter.note("status", self.step, f"epoch done: skipped {epoch_skipped} unreadable sample(s)")
         del batches  # shut down non-persistent iterators promptly
         return good
 
@@ -294,17 +297,19 @@ class Trainer:
         if self.profiler is not None:
             self._profiled(self.profiler.after_step(self.step))
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-            self._log_point(window)
+            with self.sync_debug.outside_steady_state(self.step):
+                self._log_point(window)
         if self.step % cfg.checkpoint_every == 0:
             self.clock.enter("other")
-            if cfg.on_nan == "stop" and window.any_nonfinite(self.strategy):
-                self._stop_nonfinite()
-            self.save_checkpoint()
+            with self.sync_debug.outside_steady_state(self.step):
+                if cfg.on_nan == "stop" and window.any_nonfinite(self.strategy):
+                    self._stop_nonfinite()
+                self.save_checkpoint()
 
     def _profiled(self, written: list[Path]) -> None:
-        if written and self.hub.active:
+        if written:
             text = f"profile of steps {self.cfg.profile}: " + ", ".join(str(p) for p in written)
-            self.hub.emit(Text(tag="profile", step=self.step, rank=self.rank, text=text))
+            self.reporter.note("profile", self.step, text)
 
     def _optimizer_step(self) -> torch.Tensor | None:
         """The update; under GradScaler, whether it skipped the update (inf/NaN gradients), as a device
@@ -358,8 +363,7 @@ class Trainer:
             self.loader, self.per_epoch = self._loader(), batches_per_epoch(self.sampler, self.batch_size)
             self.retry_at = retry.resume_batch
             log.warning(retry.text)
-            if self.hub.active:
-                self.hub.emit(Text(tag="memory_oom", step=self.step, rank=self.rank, text=retry.text))
+            self.reporter.note("memory_oom", self.step, retry.text)
             return
         nonfinite = self.cfg.on_nan == "stop" and window.nonfinite_here()
         raise oom.stop(failure, self.cfg, self.raw_model, self.input_shape, self.batch_size, self.device, step,
@@ -404,3 +408,4 @@ class Trainer:
                 shutdown_loader(self.loader)  # persistent workers: also those blocked in __getitem__
             finally:
                 self.probe.close()
+                self.sync_debug.close()

@@ -9,6 +9,7 @@ breakdown on rank 0 in one gather.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,9 @@ from runner.train.step_clock import PARTS
 from runner.train.strategy import Strategy
 
 HPARAMS = ("model", "data", "optimizer", "lr", "batch_size", "image_size", "amp", "strategy", "seed")
+log = logging.getLogger("runner")
+
+UNREADABLE_NAMED = 5  # files named per rank and run: enough to see the pattern, not a flood for a broken folder
 
 
 class Reporter:
@@ -44,6 +48,22 @@ class Reporter:
         self.memory_window: list[tuple[int, dict[str, float]]] = []
         self.last_scalars: dict[str, float] = {}
         self.graph: Graph | None = None
+        self.unreadable_named = 0
+
+    def note(self, tag: str, step: int, text: str) -> None:
+        """One text event (status, profile, memory_oom...), when there are sinks."""
+        if self.hub.active:
+            self.hub.emit(Text(tag=tag, step=step, rank=self.rank, text=text))
+
+    def unreadable(self, step: int, names: tuple[str, ...]) -> None:
+        """Name the first few unreadable files: on the console, and for the unreadable-samples finding."""
+        new = names[:max(0, UNREADABLE_NAMED - self.unreadable_named)]
+        if not new:
+            return
+        self.unreadable_named += len(new)
+        log.warning("unreadable, skipped: %s", "; ".join(new))
+        if self.hub.active:
+            self.hub.emit(Text(tag="data/unreadable", step=step, rank=self.rank, text="\n".join(new)))
 
     # --- every step ------------------------------------------------------------------------
 

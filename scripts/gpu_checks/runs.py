@@ -315,10 +315,13 @@ def interrupt(ctx: Context, timeout: float) -> list[Verdict]:
     began = time.monotonic()
     _gone, alive = psutil.wait_procs(processes, timeout=judge.INTERRUPT_SECONDS)
     seconds = time.monotonic() - began
-    try:
-        code: int | None = proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        code = None
+    # psutil reaps the root (our child) when it waits for it: its exit code is psutil's, not Popen's
+    code: int | None = getattr(root, "returncode", None)
+    if root in alive:
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
     for process in alive:  # leave nothing behind for the next check
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
