@@ -42,7 +42,7 @@ demo: setup
 	  --image-size 64 --viz both --images-every 50 --hist-every 50 --name $(DEMO_NAME)
 	@echo
 	@echo "TensorBoard:  http://127.0.0.1:6006   (or: $(BIN)/tensorboard --logdir runs)"
-	@echo "Visdom:       http://127.0.0.1:8097   (env: $(DEMO_NAME))"
+	@echo "Visdom:       http://127.0.0.1:8097   (env: tinyunet-synthetic_$(DEMO_NAME))"
 	@echo "Stop both:    $(BIN)/runner dashboards down"
 
 test: setup browser
