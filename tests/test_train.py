@@ -71,6 +71,18 @@ def test_nan_skip_skips_the_step(tmp_path: Path, cli) -> None:
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_nan_skip_gives_up_when_every_batch_fails(tmp_path: Path, cli) -> None:
+    """Skipping leaves the weights as they were: when every batch fails, the run stops instead of looping."""
+    from runner.train.loop import MAX_NONFINITE_IN_A_ROW
+
+    out = cli("train", "--model", "spine_helpers:nan_model", "--steps", "200", "--on-nan", "skip",
+              "--run-dir", str(tmp_path), "--name", "g", *TINY)
+    assert out.code == 1
+    assert f"loss NaN/inf on {MAX_NONFINITE_IN_A_ROW} batches in a row at step 7" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert json.loads((tmp_path / "g" / "summary.json").read_text())["status"] == "failed"
+
+
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path, cli) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")

@@ -40,6 +40,9 @@ from runner.train.strategy import Strategy
 log = logging.getLogger("runner")
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
+# --on-nan skip gives up after this many non-finite batches in a row: a skipped step leaves the weights as
+# they were, so once they themselves overflow every batch fails and skipping would loop forever.
+MAX_NONFINITE_IN_A_ROW = 20
 
 
 class NonFiniteLoss(RunnerError):
@@ -99,6 +102,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # unreadable samples
         self.amp_skipped = 0  # steps whose update GradScaler skipped
+        self.nonfinite_in_a_row = 0  # --on-nan skip
         self.one = torch.ones((), device=self.device)  # reads GradScaler's scale on the device: scale(one)
         self.last_batch: Batch | None = None  # a reference (no copy): DDP stand-in, NaN re-run
         self.nonfinite = first_nonfinite.FirstNonfinite(self.raw_model, self.task.loss, self._autocast, self.ckpt_path,
@@ -284,7 +288,12 @@ class Trainer:
             self.nonfinite.at_step(self.hub, inputs, targets, self.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             log.warning("step %d: non-finite loss, step skipped (--on-nan skip)", self.step + 1)
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise NonFiniteLoss(f"loss NaN/inf on {self.nonfinite_in_a_row} batches in a row at step "
+                                    f"{self.step + 1}: the weights themselves overflow; stopped. Lower --lr")
             return
+        self.nonfinite_in_a_row = 0
         self.phase = "update"  # an error from here on may leave the weights half-updated
         self.clock.enter("optimizer")
         amp_skipped = self._optimizer_step()
