@@ -6,7 +6,6 @@ import getpass
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -139,7 +138,7 @@ def down(run_dir: str = _RUN_DIR) -> None:
 def replay(
     run: str = typer.Argument(..., help="Run name (folder under --run-dir) or path to a run folder or visdom.log."),
     run_dir: str = _RUN_DIR,
-    visdom_url: Optional[str] = typer.Option(None, envvar="RUNNER_VISDOM_URL", show_envvar=True,
+    visdom_url: str | None = typer.Option(None, envvar="RUNNER_VISDOM_URL", show_envvar=True,
                                              help="Visdom server (default: the one started here, else "
                                                   "http://127.0.0.1:<visdom-port>)."),
     visdom_port: int = _VISDOM_PORT,

@@ -25,8 +25,19 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 
 from dashboards import tb_summaries
 from dashboards.event_file import EventFile
-from runner.telemetry.events import (Event, Finding, Graph, Histogram, HParams, ImageGrid, MemorySample, Scalar, Sink,
-                                     Text, as_array)
+from runner.telemetry.events import (
+    Event,
+    Finding,
+    Graph,
+    Histogram,
+    HParams,
+    ImageGrid,
+    MemorySample,
+    Scalar,
+    Sink,
+    Text,
+    as_array,
+)
 
 _LAYERS = "Layers (outputs for an example batch of 2):\n\n"
 _BATCHED = frozenset({Scalar, MemorySample, Histogram})  # a step's worth goes out as one Event

@@ -30,13 +30,30 @@ import numpy as np
 from dashboards.visdom_link import CONNECT_TIMEOUT, READ_TIMEOUT, VisdomConnection, VisdomLink, normalize_url
 from dashboards.visdom_log import read_log, rewrite_log
 from dashboards.visdom_panes import Panes
-from dashboards.visdom_places import (ESTIMATE, GRAPH_WIN, LAYERS_WIN, MIB, histogram_win, line_place, text_win,
-                                      win_id)
-from dashboards.visdom_render import (FindingsText, RunText, bars_message, histogram_message, image_message,
-                                      markdown_html, text_message)
+from dashboards.visdom_places import ESTIMATE, GRAPH_WIN, LAYERS_WIN, MIB, histogram_win, line_place, text_win, win_id
+from dashboards.visdom_render import (
+    FindingsText,
+    RunText,
+    bars_message,
+    histogram_message,
+    image_message,
+    markdown_html,
+    text_message,
+)
 from dashboards.visdom_series import Message, Trace
-from runner.telemetry.events import (Event, Finding, Graph, HParams, Histogram, ImageGrid, MemorySample, Scalar, Sink,
-                                     Text, as_array)
+from runner.telemetry.events import (
+    Event,
+    Finding,
+    Graph,
+    Histogram,
+    HParams,
+    ImageGrid,
+    MemorySample,
+    Scalar,
+    Sink,
+    Text,
+    as_array,
+)
 
 __all__ = ["Message", "VisdomConnection", "VisdomSink", "env_name", "normalize_url", "read_log", "replay",
            "server_for_run"]  # what other modules and the tests import from here
@@ -83,7 +100,7 @@ class VisdomSink(Sink):
         self._next_send = 0.0
 
     @classmethod
-    def for_run(cls, cfg: Any, start_step: int = 0) -> "VisdomSink":
+    def for_run(cls, cfg: Any, start_step: int = 0) -> VisdomSink:
         """The sink of a run: its server (started for the run when none answers), env `env_name(cfg)`."""
         env = env_name(cfg)
         url, on_close = server_for_run(cfg, env)
@@ -241,7 +258,7 @@ def server_for_run(cfg: Any, env: str) -> tuple[str, Callable[[], None] | None]:
         return url, None
     try:
         server, new = servers.start_for_run(cfg.run_dir, cfg.visdom_port, owner=f"run {cfg.name}")
-    except Exception as exc:  # noqa: BLE001 - no server is no reason to stop training: the log keeps it all
+    except Exception as exc:
         log.warning("could not start a Visdom server on port %d (%s); updates go to %s", cfg.visdom_port,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__, cfg.run_path / "visdom.log")
         return url, None

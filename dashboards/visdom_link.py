@@ -211,7 +211,7 @@ class VisdomLink:
             started = time.monotonic()
             try:
                 self._do(job)
-            except Exception:  # noqa: BLE001 - a bug here must not leave the link busy for good
+            except Exception:
                 log.exception("Visdom delivery failed")
                 self.conn.close()
             with self._cond:
@@ -220,7 +220,7 @@ class VisdomLink:
                 self._busy = False
                 self._cond.notify_all()
 
-    def _do(self, job: "Job") -> None:
+    def _do(self, job: Job) -> None:
         try:
             if job.messages is None:
                 self._open()

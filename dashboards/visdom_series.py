@@ -41,7 +41,7 @@ class Message:
     body: str
 
     @classmethod
-    def of(cls, endpoint: str, msg: dict[str, Any]) -> "Message":
+    def of(cls, endpoint: str, msg: dict[str, Any]) -> Message:
         return cls(endpoint, json.dumps(msg, allow_nan=False, separators=(",", ":")))
 
     def log_line(self) -> str:

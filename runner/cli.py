@@ -5,8 +5,6 @@ Flow: CLI → config (resolve + validate) → launch (supervisor → trainer or 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 import runner
@@ -35,7 +33,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main_options(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+    version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Show the version and exit."),
 ) -> None:
     """Observability-first PyTorch training: TensorBoard + Visdom, DDP via torchrun, clean processes."""

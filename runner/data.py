@@ -212,7 +212,7 @@ class Batch:
     skipped: int
     unreadable: tuple[str, ...] = ()
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         if self.inputs is not None:
             self.inputs, self.targets = self.inputs.pin_memory(), self.targets.pin_memory()
         return self

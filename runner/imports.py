@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from runner.errors import usage_error
 
@@ -14,7 +15,7 @@ def load_object(path: str, what: str) -> Any:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see, in one line
+    except Exception as exc:
         raise usage_error(f"cannot import {what} module {module_name!r} ({type(exc).__name__}: {exc}); "
                           "is it on PYTHONPATH?") from None
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -32,10 +32,10 @@ def _shown(field: str) -> str:
     return str(value)
 
 
-def _checker(allowed: Sequence[str]) -> Callable[[Optional[str]], Optional[str]]:
+def _checker(allowed: Sequence[str]) -> Callable[[str | None], str | None]:
     """A flag's value check: a value outside `allowed` is a usage error that suggests the closest one."""
 
-    def check(value: Optional[str]) -> Optional[str]:
+    def check(value: str | None) -> str | None:
         if value is not None and value not in allowed:
             raise typer.BadParameter(f"unknown {value!r}: {config_io.choice_hint(value, allowed)}")
         return value
@@ -80,91 +80,91 @@ def make_train_command(action: Callable[[TrainConfig], int], environment: bool =
 
     def train(
         ctx: typer.Context,
-        config: Optional[str] = typer.Option(None, "--config", metavar="FILE", rich_help_panel=_R,
+        config: str | None = typer.Option(None, "--config", metavar="FILE", rich_help_panel=_R,
                                              help="TOML file with a train table; flags and env vars override it."),
         print_config: bool = typer.Option(False, "--print-config", rich_help_panel=_R,
                                           help="Print the resolved configuration as TOML and exit (runs nothing)."),
-        model: Optional[str] = _option("model", "Built-in model, or package.module:factory.", _W,
+        model: str | None = _option("model", "Built-in model, or package.module:factory.", _W,
                                        choices=config_io.MODELS, strict=False,
                                        metavar=f"[{'|'.join(config_io.MODELS)}|MODULE:FACTORY]"),
-        data: Optional[str] = _option("data", "synthetic | imagefolder:PATH | paired:NOISY,CLEAN | mnist:ROOT | "
+        data: str | None = _option("data", "synthetic | imagefolder:PATH | paired:NOISY,CLEAN | mnist:ROOT | "
                                               "cifar10:ROOT | package.module:factory.", _W, metavar="SOURCE"),
-        task: Optional[str] = _option("task", "auto: denoise for U-Nets and paired data, else classify.", _W,
+        task: str | None = _option("task", "auto: denoise for U-Nets and paired data, else classify.", _W,
                                       choices=config_io.TASKS),
-        image_size: Optional[int] = _option("image_size", "Image side in pixels.", _W),
-        channels: Optional[int] = _option("channels", "Image channels (synthetic, imagefolder).", _W),
-        num_classes: Optional[int] = _option("num_classes", "Classes of the synthetic set.", _W),
-        samples: Optional[int] = _option("samples", "Size of the synthetic set.", _W),
-        noise_sigma: Optional[float] = _option("noise_sigma", "Denoising noise level.", _W),
-        download: Optional[bool] = _option("download", "Allow mnist/cifar10 to download.", _W, "--download"),
-        weighted_sampling: Optional[bool] = _option("weighted_sampling", "Inverse class-frequency sampling.", _W,
+        image_size: int | None = _option("image_size", "Image side in pixels.", _W),
+        channels: int | None = _option("channels", "Image channels (synthetic, imagefolder).", _W),
+        num_classes: int | None = _option("num_classes", "Classes of the synthetic set.", _W),
+        samples: int | None = _option("samples", "Size of the synthetic set.", _W),
+        noise_sigma: float | None = _option("noise_sigma", "Denoising noise level.", _W),
+        download: bool | None = _option("download", "Allow mnist/cifar10 to download.", _W, "--download"),
+        weighted_sampling: bool | None = _option("weighted_sampling", "Inverse class-frequency sampling.", _W,
                                                     "--weighted-sampling"),
-        steps: Optional[int] = _option("steps", "Optimizer steps in all.", _O, default="100, or from --epochs"),
-        epochs: Optional[int] = _option("epochs", "Epochs (used when --steps is not given).", _O, default="none"),
-        batch_size: Optional[str] = _option("batch_size", "Per-process batch size, or auto (the largest that "
+        steps: int | None = _option("steps", "Optimizer steps in all.", _O, default="100, or from --epochs"),
+        epochs: int | None = _option("epochs", "Epochs (used when --steps is not given).", _O, default="none"),
+        batch_size: str | None = _option("batch_size", "Per-process batch size, or auto (the largest that "
                                                           "fits).", _O, metavar="INTEGER|auto"),
-        max_batch_size: Optional[int] = _option("max_batch_size", "Cap for --batch-size auto.", _O),
-        memory_budget: Optional[str] = _option("memory_budget", "CPU budget for --batch-size auto, e.g. 2GiB.", _O,
+        max_batch_size: int | None = _option("max_batch_size", "Cap for --batch-size auto.", _O),
+        memory_budget: str | None = _option("memory_budget", "CPU budget for --batch-size auto, e.g. 2GiB.", _O,
                                                default="a share of the available RAM", metavar="SIZE"),
-        lr: Optional[float] = _option("lr", "Learning rate.", _O),
-        optimizer: Optional[str] = _option("optimizer", "Optimizer.", _O, choices=config_io.OPTIMIZERS),
-        weight_decay: Optional[float] = _option("weight_decay", "Weight decay.", _O),
-        amp: Optional[bool] = _option("amp", "Mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU).", _O,
+        lr: float | None = _option("lr", "Learning rate.", _O),
+        optimizer: str | None = _option("optimizer", "Optimizer.", _O, choices=config_io.OPTIMIZERS),
+        weight_decay: float | None = _option("weight_decay", "Weight decay.", _O),
+        amp: bool | None = _option("amp", "Mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU).", _O,
                                       "--amp/--no-amp"),
-        amp_dtype: Optional[str] = _option("amp_dtype", "Autocast dtype under --amp (auto: fp16 on CUDA, bf16 on "
+        amp_dtype: str | None = _option("amp_dtype", "Autocast dtype under --amp (auto: fp16 on CUDA, bf16 on "
                                                         "CPU; fp16 on CUDA adds a GradScaler).", _O,
                                            choices=config_io.AMP_DTYPES),
-        seed: Optional[int] = _option("seed", "Seed for data, init and order.", _O),
-        workers: Optional[int] = _option("workers", "DataLoader worker processes.", _O,
+        seed: int | None = _option("seed", "Seed for data, init and order.", _O),
+        workers: int | None = _option("workers", "DataLoader worker processes.", _O,
                                          envvar=env("RUNNER_WORKERS")),
-        worker_start_method: Optional[str] = _option("worker_start_method", "How DataLoader workers start.", _O,
+        worker_start_method: str | None = _option("worker_start_method", "How DataLoader workers start.", _O,
                                                      choices=config_io.START_METHODS),
-        device: Optional[str] = _option("device", "auto: CUDA when available.", _O, choices=config_io.DEVICES,
+        device: str | None = _option("device", "auto: CUDA when available.", _O, choices=config_io.DEVICES,
                                         envvar=env("RUNNER_DEVICE")),
-        strategy: Optional[str] = _option("strategy", "One device, nn.DataParallel, or DDP through torchrun.", _D,
+        strategy: str | None = _option("strategy", "One device, nn.DataParallel, or DDP through torchrun.", _D,
                                           choices=config_io.STRATEGIES),
-        gpus: Optional[str] = _option("gpus", "dp: GPU ids, e.g. 0,1.", _D, default="all visible", metavar="IDS"),
-        nproc: Optional[int] = _option("nproc", "ddp: processes per node.", _D),
-        nnodes: Optional[str] = _option("nnodes", "ddp: torchrun --nnodes.", _D, metavar="N|MIN:MAX"),
-        node_rank: Optional[int] = _option("node_rank", "ddp: torchrun --node-rank.", _D),
-        rdzv_endpoint: Optional[str] = _option("rdzv_endpoint", "ddp: torchrun --rdzv-endpoint.", _D,
+        gpus: str | None = _option("gpus", "dp: GPU ids, e.g. 0,1.", _D, default="all visible", metavar="IDS"),
+        nproc: int | None = _option("nproc", "ddp: processes per node.", _D),
+        nnodes: str | None = _option("nnodes", "ddp: torchrun --nnodes.", _D, metavar="N|MIN:MAX"),
+        node_rank: int | None = _option("node_rank", "ddp: torchrun --node-rank.", _D),
+        rdzv_endpoint: str | None = _option("rdzv_endpoint", "ddp: torchrun --rdzv-endpoint.", _D,
                                                default="none (one node)", metavar="HOST:PORT"),
-        rdzv_id: Optional[str] = _option("rdzv_id", "ddp: torchrun --rdzv-id.", _D, default="the run name",
+        rdzv_id: str | None = _option("rdzv_id", "ddp: torchrun --rdzv-id.", _D, default="the run name",
                                          metavar="ID"),
-        max_restarts: Optional[int] = _option("max_restarts", "ddp: torchrun --max-restarts.", _D),
-        sync_bn: Optional[bool] = _option("sync_bn", "ddp on CUDA: SyncBatchNorm.", _D, "--sync-bn"),
-        viz: Optional[str] = _option("viz", "Dashboards to stream to.", _V, choices=config_io.VIZ,
+        max_restarts: int | None = _option("max_restarts", "ddp: torchrun --max-restarts.", _D),
+        sync_bn: bool | None = _option("sync_bn", "ddp on CUDA: SyncBatchNorm.", _D, "--sync-bn"),
+        viz: str | None = _option("viz", "Dashboards to stream to.", _V, choices=config_io.VIZ,
                                      envvar=env("RUNNER_VIZ")),
-        experiment: Optional[str] = _option("experiment", "Visdom env group and TensorBoard hparams experiment.",
+        experiment: str | None = _option("experiment", "Visdom env group and TensorBoard hparams experiment.",
                                             _V, default="<model>-<data kind>", metavar="NAME"),
-        log_every: Optional[int] = _option("log_every", "Scalars every N steps.", _V),
-        images_every: Optional[int] = _option("images_every", "Image grid every N steps.", _V),
-        hist_every: Optional[int] = _option("hist_every", "Histograms every N steps.", _V),
-        memory_every: Optional[int] = _option("memory_every", "Memory sample every N steps.", _V),
-        system_every: Optional[float] = _option("system_every", "Seconds between NVML/psutil samples.", _V),
-        graph: Optional[bool] = _option("graph", "Log the model graph once.", _V, "--graph/--no-graph"),
-        visdom_url: Optional[str] = _option("visdom_url", "Visdom server.", _V, envvar=env("RUNNER_VISDOM_URL"),
+        log_every: int | None = _option("log_every", "Scalars every N steps.", _V),
+        images_every: int | None = _option("images_every", "Image grid every N steps.", _V),
+        hist_every: int | None = _option("hist_every", "Histograms every N steps.", _V),
+        memory_every: int | None = _option("memory_every", "Memory sample every N steps.", _V),
+        system_every: float | None = _option("system_every", "Seconds between NVML/psutil samples.", _V),
+        graph: bool | None = _option("graph", "Log the model graph once.", _V, "--graph/--no-graph"),
+        visdom_url: str | None = _option("visdom_url", "Visdom server.", _V, envvar=env("RUNNER_VISDOM_URL"),
                                             default="local, started if down", metavar="URL"),
-        visdom_port: Optional[int] = _option("visdom_port", "Port of the local Visdom server.", _V,
+        visdom_port: int | None = _option("visdom_port", "Port of the local Visdom server.", _V,
                                              envvar=env("RUNNER_VISDOM_PORT")),
-        progress: Optional[bool] = _option("progress", "Live progress bar on a terminal (else a line per log "
+        progress: bool | None = _option("progress", "Live progress bar on a terminal (else a line per log "
                                                        "point).", _V, "--progress/--no-progress"),
-        run_dir: Optional[str] = _option("run_dir", "Folder of runs.", _R, envvar=env("RUNNER_RUN_DIR"),
+        run_dir: str | None = _option("run_dir", "Folder of runs.", _R, envvar=env("RUNNER_RUN_DIR"),
                                          metavar="DIR"),
-        name: Optional[str] = _option("name", "Run name (folder under --run-dir).", _R,
+        name: str | None = _option("name", "Run name (folder under --run-dir).", _R,
                                       default="<model>-<data kind>-<time>"),
-        resume: Optional[str] = _option("resume", "auto: continue the run's last.pt if any; never; or a PATH.", _R,
+        resume: str | None = _option("resume", "auto: continue the run's last.pt if any; never; or a PATH.", _R,
                                         metavar="auto|never|PATH"),
-        checkpoint_every: Optional[int] = _option("checkpoint_every", "Write last.pt every N steps.", _R),
-        on_nan: Optional[str] = _option("on_nan", "On a NaN/inf loss: stop, or skip the step.", _R,
+        checkpoint_every: int | None = _option("checkpoint_every", "Write last.pt every N steps.", _R),
+        on_nan: str | None = _option("on_nan", "On a NaN/inf loss: stop, or skip the step.", _R,
                                         choices=config_io.ON_NAN),
-        oom: Optional[str] = _option("oom", "On out-of-memory: stop, or retry with half the batch.", _R,
+        oom: str | None = _option("oom", "On out-of-memory: stop, or retry with half the batch.", _R,
                                      choices=config_io.ON_OOM),
-        memory_snapshot: Optional[bool] = _option("memory_snapshot", "CUDA: record allocator history for the OOM "
+        memory_snapshot: bool | None = _option("memory_snapshot", "CUDA: record allocator history for the OOM "
                                                                      "post-mortem.", _R, "--memory-snapshot"),
-        profile: Optional[str] = _option("profile", "torch.profiler over steps START:STOP (trace in "
+        profile: str | None = _option("profile", "torch.profiler over steps START:STOP (trace in "
                                                     "<run>/profile/).", _R, default="off", metavar="START:STOP"),
-        debug: Optional[bool] = _option("debug", "Show tracebacks.", _R, "--debug"),
+        debug: bool | None = _option("debug", "Show tracebacks.", _R, "--debug"),
     ) -> None:
         """Train a model, streaming scalars, images, histograms, the graph and memory to the dashboards."""
         overrides = {key: value for key, value in ctx.params.items() if key not in ("config", "print_config")}

@@ -40,14 +40,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import psutil
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from runner.config import resolve  # noqa: E402
-from runner.data import SyntheticDenoise  # noqa: E402
-from runner.models import UNet  # noqa: E402
+from runner.config import resolve
+from runner.data import SyntheticDenoise
+from runner.models import UNet
 
 STEPS, BATCH, SIZE, SAMPLES, EVERY = 200, 8, 64, 512, 50
 
@@ -248,7 +248,7 @@ def with_deadline(run: Callable[[Path], Timing], seconds: float) -> Callable[[Pa
 def _call(run: Callable[[Path], Timing], run_dir: Path) -> Timing | BaseException:
     try:
         return run(run_dir)
-    except BaseException as exc:  # noqa: BLE001 - reported by the caller
+    except BaseException as exc:
         return exc
 
 
@@ -315,11 +315,19 @@ def ignite(run_dir: Path) -> Timing:
     from ignite.engine import Engine, Events
 
     try:
-        from ignite.handlers.tensorboard_logger import (GradsHistHandler, OutputHandler, TensorboardLogger,
-                                                        WeightsHistHandler)
+        from ignite.handlers.tensorboard_logger import (
+            GradsHistHandler,
+            OutputHandler,
+            TensorboardLogger,
+            WeightsHistHandler,
+        )
     except ImportError:  # ignite < 0.5
-        from ignite.contrib.handlers.tensorboard_logger import (GradsHistHandler, OutputHandler,
-                                                                TensorboardLogger, WeightsHistHandler)
+        from ignite.contrib.handlers.tensorboard_logger import (
+            GradsHistHandler,
+            OutputHandler,
+            TensorboardLogger,
+            WeightsHistHandler,
+        )
 
     torch.manual_seed(0)
     model, loader = UNet(3, (16, 32, 64, 128)), _peer_loader()
@@ -404,7 +412,7 @@ def main() -> None:
                 run_dir = workdir / f"{row.name.split()[0]}-{rep}-{len(row.times)}-{os.getpid()}"
                 try:
                     row.times.append(row.run(run_dir))
-                except Exception as exc:  # noqa: BLE001 - a failing row is reported, the others go on
+                except Exception as exc:
                     failed[row.name] = f"{type(exc).__name__}: {exc}"
                 shutil.rmtree(run_dir, ignore_errors=True)
             print(f"repetition {rep + 1}/{args.repeats} done", file=sys.__stderr__, flush=True)

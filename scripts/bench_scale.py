@@ -42,8 +42,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runner.telemetry.events import Event, Histogram, ImageGrid, MemorySample, Scalar, Sink  # noqa: E402
-from runner.telemetry.hub import Hub  # noqa: E402
+from runner.telemetry.events import Event, Histogram, ImageGrid, MemorySample, Scalar, Sink
+from runner.telemetry.hub import Hub
 
 SCENARIOS = ("bare", "tensorboard", "visdom", "visdom-hung", "all")
 MIB = float(1 << 20)

@@ -65,6 +65,7 @@ def markers(tmp_path: Path) -> Iterator[Path]:
     folder.mkdir(exist_ok=True)
     yield folder
     from procs_helpers import MARKERS_ENV
+
     from runner.procs import proc_table
     from tests.proc_runs import tagged
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from procs_helpers import MARKERS_ENV, marked
+
 from runner.procs import proc_table, registry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ def browser():
         browser.close()
 
 
-def _open(browser, url: str):  # noqa: ANN001, ANN202
+def _open(browser, url: str):
     """A page at `url`, and the list its failed requests (network errors and HTTP errors) go to."""
     page = browser.new_page(viewport={"width": 1600, "height": 1200})
     failed: list[str] = []
@@ -43,7 +43,7 @@ def _open(browser, url: str):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.slow
-def test_both_dashboards_render_the_run(tmp_path: Path, browser) -> None:  # noqa: ANN001
+def test_both_dashboards_render_the_run(tmp_path: Path, browser) -> None:
     runs, tb, vis = tmp_path / "runs", free_port(), free_port()
     up = run_runner("dashboards", "up", "--run-dir", str(runs), "--tb-port", str(tb), "--visdom-port", str(vis))
     try:
@@ -76,7 +76,7 @@ def test_both_dashboards_render_the_run(tmp_path: Path, browser) -> None:  # noq
         run_runner("dashboards", "down", "--run-dir", str(runs))
 
 
-def _titles_in_reading_order(page) -> list[str]:  # noqa: ANN001
+def _titles_in_reading_order(page) -> list[str]:
     """The env's window titles as laid out on the page: row by row, left to right."""
     boxes = page.evaluate("""() => [...document.querySelectorAll('.react-grid-item')].map(w => {
         const r = w.getBoundingClientRect();
@@ -87,7 +87,7 @@ def _titles_in_reading_order(page) -> list[str]:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_visdom_env_keeps_layout_order_and_sits_under_its_experiment(tmp_path: Path, browser) -> None:  # noqa: ANN001
+def test_visdom_env_keeps_layout_order_and_sits_under_its_experiment(tmp_path: Path, browser) -> None:
     """Panes created in the reverse of the layout's order show in the layout's order, also after the
     server reloads the env from disk; the env selector lists the env under its experiment."""
     from dashboards.visdom import VisdomSink
@@ -124,7 +124,7 @@ def test_visdom_env_keeps_layout_order_and_sits_under_its_experiment(tmp_path: P
 
 
 @pytest.mark.slow
-def test_visdom_page_of_a_long_run_loads(tmp_path: Path, browser) -> None:  # noqa: ANN001
+def test_visdom_page_of_a_long_run_loads(tmp_path: Path, browser) -> None:
     """A long run's env: every line decimated to its cap. The page opens with every plot drawn; the
     load time is printed (the target is under 3 s; asserted only as a hang guard)."""
     import time

@@ -17,16 +17,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from procs_helpers import MARKERS_ENV, marked
+
 from runner.procs import proc_table, registry
 from runner.procs.gpu_memory import gpu_memory_by_pid
 from runner.procs.run_tag import TAG_ENV
 from tests.proc_runs import (
-    BLOCKING, EXIT, ROOT, STARTUP, TESTS, TINY, child_env, kill_hard, only_run, roles, runner_cli, running,
-    start_run, tagged, wait_for,
+    BLOCKING,
+    EXIT,
+    ROOT,
+    STARTUP,
+    TESTS,
+    TINY,
+    child_env,
+    kill_hard,
+    only_run,
+    roles,
+    runner_cli,
+    running,
+    start_run,
+    tagged,
+    wait_for,
 )
-
 
 # --- runner cleanup after the worst: supervisor and trainer SIGKILLed -----------------------------
 

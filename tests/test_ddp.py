@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_helpers import DUMP_DIR, KILL_RANK, KILL_STEP, RAISE_STEP
 from torch.utils.data.distributed import DistributedSampler
 
-from ddp_helpers import DUMP_DIR, KILL_RANK, KILL_STEP, RAISE_STEP
 from runner.config import TrainConfig, default_name, resolve
 from runner.data import EpochSampler, ResumableDistributedSampler
 from runner.errors import RunnerError

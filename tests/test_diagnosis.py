@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from report_helpers import report_json
+
 from runner.diagnosis import gradient_rules, rules
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--no-progress", "--no-graph", "--resume", "never"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from diagnosis_models import nan_at_6
 from torch import nn
 from torch.nn import functional as F
 
-from diagnosis_models import nan_at_6
 from runner.diagnosis.nonfinite import locate_nonfinite, nonfinite_finding
 
 
@@ -14,11 +14,11 @@ class InfGrad(torch.autograd.Function):
     """Identity forward; backward returns inf: a gradient that overflows with a finite forward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad * float("inf")
 
 

@@ -251,8 +251,9 @@ def stream(steps: range) -> Iterator[Event]:
 
 
 def test_a_hung_sink_costs_bounded_memory_and_gets_the_newest_values(silent_server, tmp_path: Path) -> None:
-    from dashboards.tensorboard import TensorBoardSink
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dashboards.tensorboard import TensorBoardSink
 
     server, accepted = silent_server
     hung, fine = Unanswered(server.getsockname()), TensorBoardSink(tmp_path)

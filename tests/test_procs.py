@@ -16,15 +16,26 @@ import time
 from pathlib import Path
 
 import pytest
-
 from procs_helpers import MARKERS_ENV, SLOW_STEP_ENV, marked
+
 from runner.procs import proc_table
 from runner.procs.run_tag import TAG_ENV
 from tests.proc_runs import (
-    BLOCKING, EXIT, STARTUP, TINY, child_env, only_run, roles, runner_cli, running, start_run, tagged,
-    wait_exit, wait_for, wait_trained,
+    BLOCKING,
+    EXIT,
+    STARTUP,
+    TINY,
+    child_env,
+    only_run,
+    roles,
+    runner_cli,
+    running,
+    start_run,
+    tagged,
+    wait_exit,
+    wait_for,
+    wait_trained,
 )
-
 
 # --- graceful stop ------------------------------------------------------------------------------
 

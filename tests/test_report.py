@@ -58,7 +58,7 @@ def test_report_does_not_import_torch(cli, tmp_path: Path) -> None:
     assert json.loads(proc.stdout)["status"] == "finished"
 
 
-def wait_for(predicate, timeout: float = 120.0):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

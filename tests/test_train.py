@@ -276,7 +276,7 @@ class FakeCudaEvent:
     def query(self) -> bool:
         return self.recorded and FakeCudaEvent.done
 
-    def elapsed_time(self, end: "FakeCudaEvent") -> float:
+    def elapsed_time(self, end: FakeCudaEvent) -> float:
         assert self.query() and end.query(), "read before it completed"
         return 7.0
 

@@ -37,7 +37,7 @@ class VisdomServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "VisdomServer":
+    def start(self, timeout: float = 30.0) -> VisdomServer:
         self.env_path.mkdir(parents=True, exist_ok=True)
         if "HOME" in self.extra_env:
             (Path(self.extra_env["HOME"]) / ".visdom").mkdir(exist_ok=True)  # where a login server keeps its cookie
@@ -72,7 +72,7 @@ class VisdomServer:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
-    def __enter__(self) -> "VisdomServer":
+    def __enter__(self) -> VisdomServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -88,7 +88,7 @@ class HungServer:
         self.sock.listen(64)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
 
-    def __enter__(self) -> "HungServer":
+    def __enter__(self) -> HungServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,7 +132,7 @@ def slow_model(channels: int, image_size: int):
             super().__init__()
             self.fc = nn.Linear(channels * image_size * image_size, 10)
 
-        def forward(self, x):  # noqa: ANN001
+        def forward(self, x):
             time.sleep(0.04)
             return self.fc(x.flatten(1))
 

@@ -274,7 +274,7 @@ class Rules:
         for rule in self.rules:
             try:
                 found_now = rule(h, step)
-            except Exception:  # noqa: BLE001 - a faulty rule must not silence the others: it is dropped
+            except Exception:
                 log.exception("diagnosis rule %s failed; it is off for the rest of the run", rule.__name__)
                 self.rules = tuple(r for r in self.rules if r is not rule)
                 continue

@@ -136,10 +136,10 @@ def measure_activations(model: nn.Module, input_shape: tuple[int, ...], task: st
     """Per-sample and fixed saved-for-backward bytes in fp32 and AMP, and how they were measured."""
     try:
         return _fit(lambda b, amp: _fake_pass(model, input_shape, b, task, device_type, amp)), "fake tensors"
-    except Exception as fake_error:  # noqa: BLE001 - fake tensors cannot run every model; try for real
+    except Exception as fake_error:
         try:
             return _fit(lambda b, amp: _real_pass(model, input_shape, b, task, amp)), "real pass"
-        except Exception as exc:  # noqa: BLE001 - any failure of the user's forward, in one line
+        except Exception as exc:
             raise RunnerError(f"cannot measure activations: the model's forward failed on inputs of shape "
                               f"(batch, {', '.join(map(str, input_shape))}): {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''} "
@@ -262,7 +262,7 @@ def largest_tensor_per_sample(model: nn.Module, input_shape: tuple[int, ...]) ->
             tensors.update({n: torch.empty(b.shape, dtype=b.dtype) for n, b in model.named_buffers()})
             with torch.no_grad():
                 functional_call(model, tensors, (torch.empty(batch, *input_shape),))
-    except Exception:  # noqa: BLE001 - a model fake tensors cannot run: bounded by what ran before it failed
+    except Exception:
         pass
     finally:
         handle.remove()

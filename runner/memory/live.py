@@ -47,7 +47,7 @@ class LiveEstimate:
             yield
         try:
             events = self.events(saved.total)
-        except Exception as exc:  # noqa: BLE001 - an observation never takes training down
+        except Exception as exc:
             log.warning("no memory estimate for the dashboards: %s: %s", type(exc).__name__, exc)
             return
         for event in events:

@@ -194,7 +194,7 @@ def _smaller_input(breakdown: Breakdown, cfg: TrainConfig) -> str | None:
             small = build_model(cfg.model, shape[0], new, cfg.num_classes)
         smaller = estimate(small, (shape[0], new, new), breakdown.batch_size, cfg.optimizer, cfg.resolved_task,
                            breakdown.device_type, cfg.amp, cfg.model)
-    except Exception:  # noqa: BLE001 - a user model that cannot be built smaller: no suggestion
+    except Exception:
         return None
     saving = breakdown.total() - smaller.total()
     return f"--image-size {new} (from {size}) saves about {format_bytes(saving)}" if saving > 0 else None

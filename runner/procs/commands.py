@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
@@ -17,7 +16,7 @@ def _only_items(only: list[str]) -> list[str]:
 
 def cleanup(
     yes: bool = typer.Option(False, "--yes", "-y", help="Act: end the processes and remove the segments listed."),
-    run: Optional[str] = typer.Option(None, "--run", metavar="ID", help="Only what this run (id or name) left."),
+    run: str | None = typer.Option(None, "--run", metavar="ID", help="Only what this run (id or name) left."),
     only: list[str] = typer.Option([], "--only", metavar="PID|SEGMENT",
                                    help="Only these pids or /dev/shm segment names (repeat, or comma-separated)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

@@ -69,7 +69,7 @@ class Notes:
     failed: dict[int, str] = field(default_factory=dict)  # pid → one-line reason
 
     @classmethod
-    def read(cls, folder: Path) -> "Notes":
+    def read(cls, folder: Path) -> Notes:
         notes = cls()
         for path in folder.iterdir():
             kind, _, which = path.name.partition("-")

@@ -81,7 +81,7 @@ class Proc:
     children: list[int] = field(default_factory=list)
 
     @classmethod
-    def read(cls, pid: int) -> "Proc | None":
+    def read(cls, pid: int) -> Proc | None:
         try:
             comm, f = _stat_fields(pid)
             uid = os.stat(PROC / str(pid)).st_uid

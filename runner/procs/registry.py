@@ -62,7 +62,7 @@ class ProcRecord:
         return self.boot == boot and proc_table.is_running(self.pid, self.start)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ProcRecord":
+    def from_dict(cls, data: dict[str, Any]) -> ProcRecord:
         parent = data.get("parent")
         return cls(pid=int(data["pid"]), start=int(data["start"]), boot=str(data["boot"]), role=str(data["role"]),
                    rank=data.get("rank"), run_id=str(data["run_id"]), cmdline=str(data.get("cmdline", "")),

@@ -31,7 +31,7 @@ class GracefulStop:
         self.requested: str | None = None
         self._waiting = False
 
-    def install(self) -> "GracefulStop":
+    def install(self) -> GracefulStop:
         global _installed
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)  # re-arms SIGINT even if inherited as ignored (`cmd &`)

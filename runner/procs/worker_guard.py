@@ -50,7 +50,7 @@ def _register(worker_id: int) -> None:
         pass  # the trainer already warned that the registry is not writable; the tag still marks us
 
 
-class guarded_worker_init:  # noqa: N801 - used like a function: worker_init_fn=guarded_worker_init(fn)
+class guarded_worker_init:
     """Picklable worker_init_fn: signals, parent watch and registration, then the user's own init."""
 
     def __init__(self, user_fn: Callable[[int], None] | None) -> None:

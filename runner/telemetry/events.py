@@ -6,8 +6,8 @@ No torch import: sinks and tests use these without the trainer. Arrays are numpy
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np

@@ -135,7 +135,7 @@ class _SinkWorker:
                     break
                 try:
                     write(event)
-                except Exception:  # noqa: BLE001 - a broken sink must not take training down
+                except Exception:
                     log.exception("%s failed on %s %r", self.name, type(event).__name__, event.tag)
                 heavy_done += policy[type(event)] == _HEAVY
                 self.in_hand -= 1
@@ -213,7 +213,7 @@ class Hub:
         for worker in self._workers:
             try:
                 unreachable = max(unreachable, float(worker.sink.unreachable_for()))
-            except Exception:  # noqa: BLE001 - a health reading must not stop the step
+            except Exception:
                 log.debug("%s.unreachable_for failed", worker.name, exc_info=True)
         return {"telemetry/dropped": float(self.dropped),
                 "telemetry/backlog": float(max((w.backlog for w in self._workers), default=0)),
@@ -245,7 +245,7 @@ class Hub:
         for worker in self._workers:
             try:
                 worker.sink.flush()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("%s failed to flush", worker.name)
         return ok
 
@@ -278,6 +278,6 @@ class Hub:
                 continue
             try:
                 worker.sink.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("%s failed to close", worker.name)
         return ok

@@ -41,7 +41,7 @@ def process_rss() -> int:
 class SystemSampler:
     """Samples psutil (and NVML when present) on a daemon thread; `latest` is a snapshot dict."""
 
-    def __init__(self, interval: float, gpu: "GpuIdentity | None") -> None:
+    def __init__(self, interval: float, gpu: GpuIdentity | None) -> None:
         self.interval = interval
         self.latest: dict[str, float] = {}
         self._stop = threading.Event()
@@ -54,7 +54,7 @@ class SystemSampler:
     def gpu_metrics(self) -> bool:
         return self._nvml is not None
 
-    def start(self) -> "SystemSampler":
+    def start(self) -> SystemSampler:
         self._sample()
         self._thread.start()
         return self
@@ -97,7 +97,7 @@ class GpuIdentity:
     pci_bus_id: str  # "00000000:3b:00.0", NVML's form; "" when torch does not report it
 
     @classmethod
-    def of(cls, index: int) -> "GpuIdentity":
+    def of(cls, index: int) -> GpuIdentity:
         """The identity of torch's CUDA device `index` (a visible index, after CUDA_VISIBLE_DEVICES)."""
         import torch
 
@@ -137,7 +137,7 @@ def open_nvml(gpu: GpuIdentity, nvml: Any = None) -> Callable[[], dict[str, floa
             import pynvml as nvml
         nvml.nvmlInit()
         handle = nvml_handle(nvml, gpu)
-    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, ImportError and friends
+    except Exception as exc:
         log.info("GPU metrics off: NVML unavailable (%s: %s); CUDA allocator stats stay on",
                  type(exc).__name__, exc)
         return None

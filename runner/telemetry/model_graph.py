@@ -120,12 +120,12 @@ def trace_graph(model: nn.Module, example: torch.Tensor, step: int = 0, rank: in
     try:
         try:
             table = layer_table(model, example)
-        except Exception as exc:  # noqa: BLE001 - the graph is an observation: the run must not stop
+        except Exception as exc:
             table = f"(no layer table: the model did not run on an example batch of shape {tuple(example.shape)}: " \
                     f"{_reason(exc)})"
         try:
             graph_def = _graph_def(model, example)
-        except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; the run must not
+        except Exception as exc:
             log.warning("model graph: tracing failed (%s); logging the layer table instead", _reason(exc))
             return Graph(tag="model", step=step, rank=rank, graph_def=None, nodes=[], layer_table=table,
                          error=_reason(exc))

@@ -47,7 +47,7 @@ class SyncDebug:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_env(cls, device: Any, rank: int = 0) -> "SyncDebug":
+    def from_env(cls, device: Any, rank: int = 0) -> SyncDebug:
         target = os.environ.get(ENV, "")
         if not target or getattr(device, "type", str(device)) != "cuda":
             return cls(None)

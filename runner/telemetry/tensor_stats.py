@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from runner.tasks import Grid, label_caption
-from runner.telemetry.events import Event, HostCopy, HostValue, Histogram, ImageGrid, Scalar
+from runner.telemetry.events import Event, Histogram, HostCopy, HostValue, ImageGrid, Scalar
 
 BINS = 64
 

@@ -97,5 +97,5 @@ def _renders(snapshot: dict[str, Any]) -> bool:
         from torch.cuda import _memory_viz
 
         return bool(_memory_viz.trace_plot(snapshot)) and bool(_memory_viz.segsum(snapshot))
-    except Exception:  # noqa: BLE001 - any failure means the snapshot is not usable
+    except Exception:
         return False

@@ -271,7 +271,7 @@ def nvml_processes() -> tuple[list[int] | None, float | None]:
         import pynvml
 
         pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no NVML here
+    except Exception:
         return None, None
     try:
         pids: list[int] = []
