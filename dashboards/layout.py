@@ -17,8 +17,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from runner.telemetry import tags
+
 RANKS = r"(/rank\d+)?"  # under DDP the writer rank shows every rank's series with this suffix
-TIME_PARTS = "data_wait|h2d|forward|backward|optimizer|telemetry|other"  # add up to time/step_ms
+TIME_PARTS = "|".join(tags.TIME_PARTS)  # add up to time/step_ms
 
 Chart = Literal["line", "stacked", "bars", "image", "histogram", "graph", "text"]
 SCALAR_CHARTS = ("line", "stacked", "bars")  # charts of Scalar / MemorySample series
@@ -71,7 +73,7 @@ GROUPS: tuple[Group, ...] = (
     Group("time", "time", (
         Pane("throughput", (r"train/samples_per_s",), "samples/s"),
         Pane("step time breakdown", (rf"time/({TIME_PARTS})_ms",), "ms", "stacked"),
-        Pane("step time and data wait", (r"train/(step_time|data_wait)_ms", r"time/step_ms"), "ms"),
+        Pane("step time and data wait", (r"time/(step|data_wait)_ms",), "ms"),
         Pane("step time per rank", (r"time/step_ms/rank\d+",), "ms"),
         Pane("data wait per rank", (r"time/data_wait_ms/rank\d+",), "ms"),
         Pane("step parts per rank", (rf"time/({TIME_PARTS})_ms/rank\d+",), "ms"),

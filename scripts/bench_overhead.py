@@ -113,8 +113,8 @@ def bare(run_dir: Path | None, steps: int | None = None) -> Timing:
                 writer.add_scalar("train/psnr", _psnr(output, clean).item(), step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 writer.add_scalar("train/samples_per_s", BATCH / took, step)
-                writer.add_scalar("train/step_time_ms", 1000 * took, step)
-                writer.add_scalar("train/data_wait_ms", 1000 * (began - waited), step)
+                writer.add_scalar("time/step_ms", 1000 * took, step)
+                writer.add_scalar("time/data_wait_ms", 1000 * (began - waited), step)
                 writer.add_scalar("memory/rss", process.memory_info().rss, step)
                 writer.add_scalar("system/cpu_percent", process.cpu_percent(None), step)
                 if step % EVERY == 0 or step == 1:

@@ -10,7 +10,7 @@ import pytest
 
 from runner.diagnosis import rules
 from runner.diagnosis.rules import Rules
-from runner.telemetry.events import Event, Finding, MemorySample, Scalar, Text
+from runner.telemetry.events import Event, Finding, LogPoint, MemorySample, Scalar, Text
 
 MIB = 1024**2
 CONFIG = '[train]\nmodel = "mlp"\nworkers = 0\nlog_every = 10\nbatch_size = 8\nlr = 0.1\noptimizer = "sgd"\n'
@@ -24,9 +24,9 @@ def start(device: str = "cpu", world: int = 1) -> list[Event]:
 
 
 def log_point(step: int, **scalars: float) -> list[Event]:
-    """A log point's scalars (tags with `__` for `/`), train/loss last as the trainer sends it."""
+    """A log point's scalars (tags with `__` for `/`), closed by its LogPoint as the trainer sends it."""
     events: list[Event] = [Scalar(tag=k.replace("__", "/"), step=step, value=v) for k, v in scalars.items()]
-    return events + [Scalar(tag="train/loss", step=step, value=1.0)]
+    return [*events, Scalar(tag="train/loss", step=step, value=1.0), LogPoint(step=step)]
 
 
 def memory(step: int, rank: int = 0, **values: float) -> MemorySample:
@@ -35,8 +35,7 @@ def memory(step: int, rank: int = 0, **values: float) -> MemorySample:
 
 def run(events: list[Event]) -> list[Finding]:
     engine = Rules()
-    found = [f for e in events for f in engine.observe(e)]
-    return found + engine.evaluate()
+    return [f for e in events for f in engine.observe(e)]
 
 
 def kinds(found: list[Finding]) -> list[str]:

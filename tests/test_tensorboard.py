@@ -75,8 +75,8 @@ def unet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EventAccum
 
 def test_loss_and_metric_at_every_log_point(unet_run: tuple[Path, EventAccumulator]) -> None:
     _, events = unet_run
-    for tag in ("train/loss", "train/psnr", "train/lr", "train/samples_per_s", "train/step_time_ms",
-                "train/data_wait_ms", "train/skipped", "telemetry/dropped"):
+    for tag in ("train/loss", "train/psnr", "train/lr", "train/samples_per_s", "time/step_ms",
+                "time/data_wait_ms", "train/skipped", "telemetry/dropped"):
         assert steps(events, tag) == [2, 4, 6], tag
     losses = [e.value for e in events.Scalars("train/loss")]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -10,6 +10,7 @@ import statistics
 
 from runner.diagnosis.evidence import finding, significant
 from runner.diagnosis.history import History
+from runner.telemetry import tags
 from runner.telemetry.events import Finding
 
 # gradients (per-layer norms at histogram steps). Healthy training moves a layer's gradient norm by
@@ -28,11 +29,11 @@ VANISH_POINTS = 2
 def _grad_norms(h: History) -> tuple[dict[str, list[tuple[int, float]]], list[int]]:
     """Per-layer gradient norms and their histogram steps; nothing when no new ones came since the last
     log point (the gradient rules then have nothing new to judge, and cost nothing)."""
-    tags = [tag for tag, series in h.scalars.items() if tag.startswith("norms/grads/") and series]
+    layers = [tag for tag, series in h.scalars.items() if tag.startswith(tags.NORMS_GRADS) and series]
     previous = h.log_points[-2] if len(h.log_points) > 1 else -1
-    if not tags or max(h.scalars[tag][-1][0] for tag in tags) <= previous:
+    if not layers or max(h.scalars[tag][-1][0] for tag in layers) <= previous:
         return {}, []
-    norms = {tag[len("norms/grads/"):]: h.series(tag) for tag in tags}
+    norms = {tag[len(tags.NORMS_GRADS):]: h.series(tag) for tag in layers}
     return norms, sorted({s for series in norms.values() for s, _ in series})
 
 

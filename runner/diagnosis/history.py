@@ -14,12 +14,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.telemetry import tags
 from runner.telemetry.events import Event, MemorySample, Scalar, Text
 
 KEEP = 512  # points kept per series: the rules look at recent windows, never at a whole long run
 # Tags the rules read; everything else (weights, per-layer weight norms, metrics) passes by.
-WATCHED = re.compile(r"^(time/|telemetry/|norms/grads/|memory/estimate_|train/(step_time_ms|data_wait_ms|skipped"
-                     r"|grad_norm|loss)$)")
+WATCHED = re.compile("^(" + "|".join(re.escape(prefix) for prefix in (tags.TIME, tags.TELEMETRY, tags.NORMS_GRADS,
+                                                                        tags.ESTIMATE)) + "|"
+                     + "|".join(re.escape(tag) for tag in (tags.SKIPPED, tags.GRAD_NORM, tags.LOSS)) + "$)")
 START_TEXT = re.compile(r" on (?P<device>\S+), (?P<strategy>\w+) x(?P<world>\d+), batch (?P<batch>\d+), "
                         r"steps (?P<first>\d+)→(?P<total>\d+)")
 
@@ -76,7 +78,7 @@ class History:
             self._text(event)
 
     def _text(self, event: Text) -> None:
-        if event.tag == "config":
+        if event.tag == tags.CONFIG:
             try:
                 parsed = tomllib.loads(event.text)
             except tomllib.TOMLDecodeError:
@@ -84,11 +86,11 @@ class History:
             self.facts.config = parsed.get("train", parsed)
             batch = self.facts.config.get("batch_size")
             self.facts.batch = batch if isinstance(batch, int) else self.facts.batch
-        elif event.tag == "status" and (found := START_TEXT.search(event.text)):
+        elif event.tag == tags.STATUS and (found := START_TEXT.search(event.text)):
             self.facts.device, self.facts.world = found["device"], int(found["world"])
             self.facts.batch, self.facts.total_steps = int(found["batch"]), int(found["total"])
             self.facts.cuda = found["device"].startswith("cuda")
-        elif event.tag == "data/unreadable":
+        elif event.tag == tags.UNREADABLE:
             self.unreadable.extend(line for line in event.text.splitlines() if line.strip())
             del self.unreadable[20:]
 
@@ -120,8 +122,9 @@ class History:
     def ranked(self, part: str, step: int) -> dict[int, float]:
         """`time/<part>_ms/rank<r>` at `step`, by rank (empty when the run is not distributed)."""
         out = {}
+        prefix = tags.time_ms(part) + "/rank"
         for tag in self.scalars:
-            if tag.startswith(f"time/{part}_ms/rank"):
+            if tag.startswith(prefix):
                 value = self.value(tag, step)
                 if value is not None and math.isfinite(value):
                     out[int(tag.rsplit("rank", 1)[1])] = value

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from runner.diagnosis.evidence import finding, rounded
 from runner.diagnosis.gradient_rules import exploding_gradients, vanishing_gradients
 from runner.diagnosis.history import History
-from runner.telemetry.events import Event, Finding, Scalar, Text
+from runner.telemetry import tags
+from runner.telemetry.events import Event, Finding, LogPoint
 
 log = logging.getLogger("runner.telemetry")
-
-MIB = 1024.0**2
 
 # Warm-up: the first steps build the allocator's cache, start workers, fill Adam's state and run the
 # one-off memory estimate; nothing measured there says anything about the steady run.
@@ -71,9 +70,7 @@ Rule = Callable[[History, int], "Finding | None"]
 
 
 def input_bound(h: History, step: int) -> Finding | None:
-    wait_tag, step_tag = "time/data_wait_ms", "time/step_ms"
-    if not h.series(step_tag):
-        wait_tag, step_tag = "train/data_wait_ms", "train/step_time_ms"
+    wait_tag, step_tag = tags.DATA_WAIT_MS, tags.STEP_MS
     points = list(h.steady)[-INPUT_BOUND_POINTS:]
     if len(points) < INPUT_BOUND_POINTS:
         return None
@@ -106,7 +103,7 @@ def input_bound(h: History, step: int) -> Finding | None:
 
 
 def unreadable_samples(h: History, step: int) -> Finding | None:
-    skipped = h.value("train/skipped", step)
+    skipped = h.value(tags.SKIPPED, step)
     if not skipped or not h.facts.batch:
         return None
     loaded = max(step * h.facts.batch * h.facts.world, skipped)  # each step's batch counts its skipped samples
@@ -133,18 +130,18 @@ def memory_growth(h: History, step: int) -> Finding | None:
     values = [v for _, v in window]
     third = len(values) // 3
     sustained = min(values[-third:]) > max(values[:third])
-    slope = _slope(steps, values) * 100 / MIB  # MiB per 100 steps
+    slope = _slope(steps, values) * 100 / tags.MIB  # MiB per 100 steps
     growth = values[-1] / baseline if baseline else 1.0
     if not sustained or slope < MEMORY_SLOPE_MIB_PER_100 or growth < MEMORY_GROWTH_RATIO:
         return None
-    estimate = h.latest("memory/estimate_")
+    estimate = h.latest(tags.ESTIMATE)
     evidence = {"measure": "device allocated" if h.facts.cuda else "host RSS", "steps": steps,
-                "mib": [rounded(v / MIB, 1) for v in values], "slope_mib_per_100_steps": rounded(slope, 1),
+                "mib": [rounded(v / tags.MIB, 1) for v in values], "slope_mib_per_100_steps": rounded(slope, 1),
                 "growth_ratio": rounded(growth, 3), "baseline_step": first,
-                "estimate_total_mib": rounded(estimate.get("memory/estimate_total", 0.0) / MIB, 1)}
+                "estimate_total_mib": rounded(estimate.get(tags.ESTIMATE_TOTAL, 0.0) / tags.MIB, 1)}
     return finding("memory_growth", "warning", step,
                     f"{evidence['measure']} keeps rising after warm-up: {slope:.0f} MiB per 100 steps, "
-                    f"{values[-1] / MIB:.0f} MiB at step {steps[-1]} ({100 * (growth - 1):.0f} % above step "
+                    f"{values[-1] / tags.MIB:.0f} MiB at step {steps[-1]} ({100 * (growth - 1):.0f} % above step "
                     f"{first})", evidence,
                     "something keeps tensors alive across steps: summing `loss` instead of `loss.item()` or "
                     "`loss.detach()`, appending outputs or losses to a list, a cache that never evicts")
@@ -154,25 +151,25 @@ def allocator_pressure(h: History, step: int) -> Finding | None:
     if not h.facts.cuda or h.memory_baseline is None or "reserved" not in h.memory_baseline[1]:
         return None
     (since, first), last = h.memory_baseline, list(h.memory)[-RESERVED_POINTS:]
-    estimate = {k[len("memory/estimate_"):]: rounded(v / MIB, 1) for k, v in h.latest("memory/estimate_").items()}
+    estimate = {k[len(tags.ESTIMATE):]: rounded(v / tags.MIB, 1) for k, v in h.latest(tags.ESTIMATE).items()}
     parts = ", ".join(f"{k} {v:.0f} MiB" for k, v in estimate.items() if k != "total")
     sized = f" (runner memory's estimate: {estimate['total']:.0f} MiB: {parts})" if "total" in estimate else ""
     advice = ("set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, lower --batch-size, or turn on --amp" + sized)
     retries = last[-1][1].get("alloc_retries", 0.0) - first.get("alloc_retries", 0.0)
     if retries >= ALLOC_RETRIES_MIN:
         evidence = {"alloc_retries": int(retries), "since_step": since, "step": last[-1][0],
-                    "reserved_mib": rounded(last[-1][1]["reserved"] / MIB, 1), "estimate_mib": estimate}
+                    "reserved_mib": rounded(last[-1][1]["reserved"] / tags.MIB, 1), "estimate_mib": estimate}
         return finding("allocator_pressure", "warning", step,
                         f"the CUDA allocator had to free its cache and retry {int(retries)} times since step "
                         f"{since}: the run is at the edge of device memory", evidence, advice)
     slack = [v["reserved"] - v.get("peak", v.get("allocated", 0.0)) for _, v in last]
     over = [v["reserved"] / max(v.get("peak", v.get("allocated", 0.0)), 1.0) for _, v in last]
     if len(last) == RESERVED_POINTS and min(slack) >= RESERVED_SLACK_BYTES and min(over) >= RESERVED_OVER_PEAK:
-        evidence = {"steps": [s for s, _ in last], "reserved_mib": [rounded(v["reserved"] / MIB, 1) for _, v in last],
-                    "peak_allocated_mib": [rounded(v.get("peak", v.get("allocated", 0.0)) / MIB, 1) for _, v in last],
+        evidence = {"steps": [s for s, _ in last], "reserved_mib": [rounded(v["reserved"] / tags.MIB, 1) for _, v in last],
+                    "peak_allocated_mib": [rounded(v.get("peak", v.get("allocated", 0.0)) / tags.MIB, 1) for _, v in last],
                     "estimate_mib": estimate}
         return finding("allocator_pressure", "warning", step,
-                        f"the CUDA cache holds {min(over):.1f}× the peak allocation ({min(slack) / MIB:.0f} MiB "
+                        f"the CUDA cache holds {min(over):.1f}× the peak allocation ({min(slack) / tags.MIB:.0f} MiB "
                         "reserved but unused): fragmentation", evidence, advice)
     return None
 
@@ -188,7 +185,7 @@ def straggler_rank(h: History, step: int) -> Finding | None:
         if len(ranks) < 2:
             return None
         own = {r: sum(p.get(r, 0.0) for p in parts) for r in sorted(ranks)}
-        step_ms = h.value("time/step_ms", s) or max(h.ranked("step", s).values(), default=0.0)
+        step_ms = h.value(tags.STEP_MS, s) or max(h.ranked("step", s).values(), default=0.0)
         slow = max(own, key=own.get)
         gap = own[slow] - statistics.median(v for r, v in own.items() if r != slow)
         if gap < max(STRAGGLER_MIN_MS, STRAGGLER_SHARE * step_ms):
@@ -201,7 +198,7 @@ def straggler_rank(h: History, step: int) -> Finding | None:
     rank = laggards.pop()
     waits = {str(r): rounded(v) for r, v in h.ranked("data_wait", points[-1]).items()}
     evidence = {"rank": rank, "steps": points, "own_work_ms": own_by_point, "gap_ms": [rounded(g) for g in gaps],
-                "data_wait_ms": waits, "skew": h.value("time/skew", points[-1])}
+                "data_wait_ms": waits, "skew": h.value(tags.TIME_SKEW, points[-1])}
     data_heavy = waits and waits.get(str(rank), 0.0) - min(waits.values()) >= 0.5 * statistics.fmean(gaps)
     cause = ("its data wait: its input pipeline is slower (disk, fewer cores, heavier samples)" if data_heavy
              else "its compute: another job on its device or node, throttling, or uneven inputs")
@@ -212,16 +209,16 @@ def straggler_rank(h: History, step: int) -> Finding | None:
 
 
 def dashboard_trouble(h: History, step: int) -> Finding | None:
-    dropped = h.series("telemetry/dropped")[-(DROPPED_POINTS + 1):]
+    dropped = h.series(tags.DROPPED)[-(DROPPED_POINTS + 1):]
     if len(dropped) == DROPPED_POINTS + 1 and all(b[1] > a[1] for a, b in zip(dropped, dropped[1:])):
         return finding("dashboard_trouble", "warning", step,
                         f"the dashboards are falling behind: {int(dropped[-1][1])} image/histogram events dropped "
                         f"so far, more at each of the last {DROPPED_POINTS} log points",
                         {"dropped": [[s, int(v)] for s, v in dropped],
-                         "backlog": h.value("telemetry/backlog", dropped[-1][0])},
+                         "backlog": h.value(tags.BACKLOG, dropped[-1][0])},
                         "log images and histograms less often (--images-every, --hist-every), or check that the "
                         "Visdom server is not overloaded (`runner dashboards status`)", subject="dropped")
-    unreachable = h.value("telemetry/unreachable_s", step)
+    unreachable = h.value(tags.UNREACHABLE_S, step)
     if unreachable is not None and unreachable >= UNREACHABLE_S:
         run = f"{h.facts.config.get('run_dir', 'runs')}/{h.facts.config.get('name', 'RUN')}"
         return finding("dashboard_trouble", "warning", step,
@@ -250,24 +247,16 @@ class Rules:
         self.history = History()
         self.rules = rules
         self.fired: set[tuple[str, str]] = set()
-        self.pending: int | None = None  # a log point whose scalars are still arriving
 
     def observe(self, event: Event) -> list[Finding]:
-        """Take one event; returns the findings it completes (usually none)."""
-        out: list[Finding] = []
-        ended = isinstance(event, Text) and event.tag == "status"
-        if self.pending is not None and (event.step > self.pending or ended):
-            out += self.evaluate()  # the log point's scalars are all in: the next step began, or the run ended
+        """Take one event; at the end of a log point (LogPoint), returns what the rules found there."""
+        if isinstance(event, LogPoint):
+            return self.evaluate(event.step)
         self.history.add(event)
-        if isinstance(event, Scalar) and event.tag == "train/loss":  # a log point (more of its scalars may follow)
-            self.pending = event.step
-        return out
+        return []
 
-    def evaluate(self) -> list[Finding]:
-        """Run the rules on the pending log point (also at the end of the run)."""
-        if self.pending is None:
-            return []
-        step, self.pending = self.pending, None
+    def evaluate(self, step: int) -> list[Finding]:
+        """Run the rules on the log point that ended at `step`."""
         h = self.history
         h.mark_log_point(step, steady=step > max(WARMUP_STEPS, WARMUP_LOG_POINTS * h.facts.log_every))
         found = []

@@ -15,7 +15,8 @@ from typing import Any
 
 from runner.diagnosis.rules import Rules
 from runner.diagnosis.summary import RunSummary
-from runner.telemetry.events import Event, Finding, HParams, MemorySample, Scalar, Sink, Text
+from runner.telemetry import tags
+from runner.telemetry.events import Event, Finding, HParams, LogPoint, MemorySample, Scalar, Sink, Text
 
 log = logging.getLogger("runner.telemetry")
 
@@ -38,7 +39,7 @@ def finding_record(finding: Finding) -> dict[str, Any]:
 class DiagnosisSink(Sink):
     """Rules over the stream, findings out (through `bind`'s emit), the run's summary on disk."""
 
-    accepts = (Scalar, MemorySample, Text, HParams, Finding)  # never images or histograms: stays cheap
+    accepts = (Scalar, MemorySample, Text, HParams, Finding, LogPoint)  # never images or histograms: stays cheap
 
     def __init__(self, run_path: Path, name: str, start_step: int = 0) -> None:
         self.run_path = Path(run_path)
@@ -68,12 +69,12 @@ class DiagnosisSink(Sink):
         if isinstance(event, Finding):
             self._record(event)  # raised elsewhere: the trainer's first_nonfinite (the hub never echoes ours)
             return
-        if event.step > self.summary.step and time.monotonic() - self._written >= SUMMARY_EVERY_S:
-            self._write_summary()  # a new step began: the last one's events (a whole log point) are in
         self.summary.add(event)
         for finding in self.rules.observe(event):
             self._raise(finding)
-        if isinstance(event, Text) and event.tag == "status" and self.summary.status != "running":
+        if isinstance(event, LogPoint) and time.monotonic() - self._written >= SUMMARY_EVERY_S:
+            self._write_summary()  # a whole log point is in
+        if isinstance(event, Text) and event.tag == tags.STATUS and self.summary.status != "running":
             self._write_summary()
 
     def _raise(self, finding: Finding) -> None:
@@ -93,8 +94,6 @@ class DiagnosisSink(Sink):
         self._write_summary()
 
     def close(self) -> None:
-        for finding in self.rules.evaluate():  # the last log point, if nothing came after it
-            self._raise(finding)
         if self.summary.status == "running":  # closed without a final status (e.g. the hub of a bare Trainer)
             self.summary.status = "ended"
         if not (self.run_path / "findings.json").exists():

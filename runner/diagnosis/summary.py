@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from runner.procs import proc_table
+from runner.telemetry import tags
 from runner.telemetry.events import Event, HParams, MemorySample, Scalar, Text
 
-TIME_PARTS = ("data_wait", "h2d", "forward", "backward", "optimizer", "telemetry", "other")
-SUMMARY_PREFIXES = ("train/", "time/", "telemetry/", "memory/", "system/")  # per-layer norms stay out
+SUMMARY_PREFIXES = (tags.TRAIN, tags.VAL, tags.TIME, tags.TELEMETRY, tags.MEMORY, tags.SYSTEM)  # per-layer norms stay out
 PER_RANK = re.compile(r"/rank\d+$")
 ENDED = (("finished", "finished"), ("stopped", "stopped"), ("failed", "failed"))
 
@@ -46,11 +46,11 @@ class RunSummary:
             if event.tag.startswith(SUMMARY_PREFIXES):
                 value = float(event.value)
                 self.scalars[event.tag] = value
-                if event.tag == "train/samples_per_s" and math.isfinite(value):
+                if event.tag == tags.SAMPLES_PER_S and math.isfinite(value):
                     self.throughput.append(value)
         elif isinstance(event, MemorySample):
             for tag, value in event.series().items():
-                if tag.startswith("memory/") and "host_available" not in tag and value > self.peaks.get(tag, -math.inf):
+                if tag.startswith(tags.MEMORY) and "host_available" not in tag and value > self.peaks.get(tag, -math.inf):
                     self.peaks[tag] = value
         elif isinstance(event, Text):
             self._text(event)
@@ -58,7 +58,7 @@ class RunSummary:
             self.status = next((s for prefix, s in ENDED if event.status.startswith(prefix)), self.status)
 
     def _text(self, event: Text) -> None:
-        if event.tag == "status":
+        if event.tag == tags.STATUS:
             self.status_text = event.text
             if event.text.startswith("training "):
                 self.texts["started"] = event.text
@@ -67,22 +67,20 @@ class RunSummary:
             for prefix, status in ENDED:
                 if event.text.startswith(prefix):
                     self.status = status
-        elif event.tag in ("memory_estimate", "memory_oom", "auto_batch"):
+        elif event.tag in (tags.MEMORY_ESTIMATE, tags.MEMORY_OOM, tags.AUTO_BATCH):
             self.texts[event.tag] = event.text
 
     def time_breakdown(self) -> dict[str, Any]:
         """Milliseconds per step at the latest log point, by part, plus per-rank step times under DDP."""
-        parts = {p: self.scalars[f"time/{p}_ms"] for p in TIME_PARTS if f"time/{p}_ms" in self.scalars}
+        parts = {p: self.scalars[tags.time_ms(p)] for p in tags.TIME_PARTS if tags.time_ms(p) in self.scalars}
         out: dict[str, Any] = {"parts_ms": parts}
-        if "time/step_ms" in self.scalars:
-            out["step_ms"] = self.scalars["time/step_ms"]
-        elif "train/step_time_ms" in self.scalars:
-            out["step_ms"] = self.scalars["train/step_time_ms"]
-        ranks = {tag.rsplit("/", 1)[1]: v for tag, v in self.scalars.items() if tag.startswith("time/step_ms/rank")}
+        if tags.STEP_MS in self.scalars:
+            out["step_ms"] = self.scalars[tags.STEP_MS]
+        ranks = {tag.rsplit("/", 1)[1]: v for tag, v in self.scalars.items() if tag.startswith(tags.STEP_MS + "/rank")}
         if ranks:
             out["step_ms_by_rank"] = ranks
-            out["slowest_rank"] = self.scalars.get("time/slowest_rank")
-            out["skew"] = self.scalars.get("time/skew")
+            out["slowest_rank"] = self.scalars.get(tags.SLOWEST_RANK)
+            out["skew"] = self.scalars.get(tags.TIME_SKEW)
         return out
 
     def to_dict(self, findings: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,8 +88,8 @@ class RunSummary:
         severities: dict[str, int] = {}
         for finding in findings:
             severities[finding["severity"]] = severities.get(finding["severity"], 0) + 1
-        scalars = {k: _number(v) for k, v in self.scalars.items() if not PER_RANK.search(k) or k.startswith("time/")}
-        estimate = {k[len("memory/estimate_"):]: v for k, v in self.scalars.items() if k.startswith("memory/estimate_")}
+        scalars = {k: _number(v) for k, v in self.scalars.items() if not PER_RANK.search(k) or k.startswith(tags.TIME)}
+        estimate = {k[len(tags.ESTIMATE):]: v for k, v in self.scalars.items() if k.startswith(tags.ESTIMATE)}
         return {
             "name": self.name, "run_path": self.run_path, "status": self.status, "status_text": self.status_text,
             "started": self.started, "updated": now, "elapsed_s": round(now - self.started, 3),

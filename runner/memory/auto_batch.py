@@ -150,7 +150,8 @@ def _run(search: BatchSearch, trial: Callable[[int], Trial], ceiling: int) -> No
 def _search_budget(cfg: TrainConfig, model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
                    cap: int, ceiling: int) -> BatchSearch:
     budget, described = memory_budget(cfg)
-    breakdown = estimate(model, input_shape, 1, cfg.optimizer, cfg.resolved_task, device.type, cfg.amp, cfg.model)
+    breakdown = estimate(model, input_shape, 1, cfg.optimizer, cfg.resolved_task, device.type, cfg.amp, cfg.model,
+                         cfg.amp_dtype)
     search = BatchSearch(limit=f"a memory budget of {described}", cap=cap)
 
     def trial(batch: int) -> Trial:
@@ -176,7 +177,7 @@ def _search_on_device(cfg: TrainConfig, model: nn.Module, input_shape: tuple[int
 
     def trial(batch: int) -> Trial:
         result = measured_trial(batch, lambda: measured_peak(model, cfg.optimizer, input_shape, batch,
-                                                             cfg.resolved_task, cfg.amp, device))
+                                                             cfg.resolved_task, cfg.amp, device, cfg.amp_dtype))
         release(model, device)
         return result
 

@@ -24,14 +24,16 @@ def memory(
     num_classes: int = typer.Option(10, help="Classes (classification models)."),
     task: str = typer.Option("auto", help="auto|classify|denoise."),
     amp: bool = typer.Option(False, "--amp", help="Select mixed precision (both are always estimated)."),
+    amp_dtype: str = typer.Option("auto", help="auto|fp16|bf16 under --amp, as `runner train` takes it (auto: fp16 "
+                                               "with a GradScaler on CUDA, bf16 on CPU)."),
     device: str = typer.Option("auto", help="auto|cpu|cuda: the device to estimate for; on a GPU two real steps "
                                             "are measured too."),
     json_output: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Estimate memory for a model: parameters, gradients, optimizer state, input batch, activations."""
-    run_command(lambda: _memory(model, input_shape, batch_size, optimizer, num_classes, task, amp, device,
-                                json_output), debug=debug)
+    run_command(lambda: _memory(model, input_shape, batch_size, optimizer, num_classes, task, amp, amp_dtype,
+                                device, json_output), debug=debug)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -47,7 +49,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _memory(model_name: str, input_shape: str, batch_size: int, optimizer: str, num_classes: int, task: str,
-            amp: bool, device: str, json_output: bool) -> int:
+            amp: bool, amp_dtype: str, device: str, json_output: bool) -> int:
     import json
 
     import torch
@@ -62,11 +64,13 @@ def _memory(model_name: str, input_shape: str, batch_size: int, optimizer: str, 
     if batch_size < 1:
         raise usage_error(f"batch-size must be at least 1, got {batch_size}")
     cfg = config.TrainConfig(model=model_name, optimizer=optimizer, num_classes=num_classes, task=task,
-                             device=device, channels=shape[0], image_size=shape[-1], batch_size=batch_size, amp=amp)
+                             device=device, channels=shape[0], image_size=shape[-1], batch_size=batch_size, amp=amp,
+                             amp_dtype=amp_dtype)
     config.validate(cfg)
     device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     model = build_model(model_name, shape[0], shape[-1], num_classes)
-    breakdown = estimate(model, shape, batch_size, optimizer, cfg.resolved_task, device_type, amp, model_name)
+    breakdown = estimate(model, shape, batch_size, optimizer, cfg.resolved_task, device_type, amp, model_name,
+                         amp_dtype)
     measured = _measure(model, breakdown, cfg.resolved_task) if device_type == "cuda" else None
     if json_output:
         out = as_json(breakdown)
@@ -100,7 +104,7 @@ def _measure(model: nn.Module, breakdown: Breakdown, task: str) -> dict[str, Any
     device = torch.device("cuda", torch.cuda.current_device())
     try:
         peak: int | None = measured_peak(model, breakdown.optimizer, breakdown.input_shape, breakdown.batch_size,
-                                         task, breakdown.amp, device)
+                                         task, breakdown.amp, device, breakdown.amp_dtype)
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # cuDNN/cuBLAS failures to allocate too
         if not is_out_of_memory(exc):
             raise

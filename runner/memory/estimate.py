@@ -5,7 +5,8 @@ Activations are measured, not guessed: the forward pass and the loss run under
 `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd saves; the unique
 storages among them (minus parameters, buffers and the input, counted elsewhere) are summed. The
 pass runs on fake tensors (meta storage: no memory, no compute) that claim the target device, so a
-CUDA estimate needs no GPU; once in fp32 and once under autocast (fp16 on CUDA, bf16 on CPU). Two
+CUDA estimate needs no GPU; once in fp32 and once under autocast (the run's --amp-dtype; auto is fp16
+on CUDA, bf16 on CPU). Two
 small batches give a per-sample slope and a batch-independent part (under AMP: the fp16 copies of
 weights that backward needs). A model fake tensors cannot run (data-dependent Python) gets the same
 two passes for real, on the model's own device.
@@ -62,6 +63,7 @@ class Breakdown:
     sample_bytes: int  # one input and its target
     activations: dict[str, Activations]
     method: str  # how activations were measured: "fake tensors" or "real pass"
+    amp_dtype: str = "auto"  # the run's --amp-dtype, which the AMP activations were measured under
 
     @property
     def precision(self) -> str:
@@ -99,15 +101,17 @@ class Breakdown:
 
 
 def estimate(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, optimizer: str, task: str,
-             device_type: str, amp: bool, name: str = "") -> Breakdown:
-    """The breakdown for `model` (any device, meta included) at `batch_size`, in fp32 and AMP."""
-    activations, method = measure_activations(model, input_shape, task, device_type)
-    return breakdown(model, input_shape, batch_size, optimizer, task, device_type, amp, activations, method, name)
+             device_type: str, amp: bool, name: str = "", amp_choice: str = "auto") -> Breakdown:
+    """The breakdown for `model` (any device, meta included) at `batch_size`, in fp32 and AMP (under
+    `amp_choice`, the run's --amp-dtype)."""
+    activations, method = measure_activations(model, input_shape, task, device_type, amp_choice)
+    return breakdown(model, input_shape, batch_size, optimizer, task, device_type, amp, activations, method, name,
+                     amp_choice)
 
 
 def breakdown(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, optimizer: str, task: str,
               device_type: str, amp: bool, activations: dict[str, Activations], method: str,
-              name: str = "") -> Breakdown:
+              name: str = "", amp_choice: str = "auto") -> Breakdown:
     """The breakdown around activations already measured (for one or both precisions)."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -121,7 +125,7 @@ def breakdown(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, o
         parameter_bytes=param_bytes, gradient_bytes=grad_bytes,
         optimizer_bytes=OPTIMIZER_STATE_FACTOR[optimizer] * grad_bytes,
         sample_bytes=4 * math.prod(input_shape) + target_bytes,
-        activations=activations, method=method,
+        activations=activations, method=method, amp_dtype=amp_choice,
     )
 
 
@@ -131,14 +135,15 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 # --- measuring activations ---------------------------------------------------------------------
 
-def measure_activations(model: nn.Module, input_shape: tuple[int, ...], task: str,
-                        device_type: str) -> tuple[dict[str, Activations], str]:
+def measure_activations(model: nn.Module, input_shape: tuple[int, ...], task: str, device_type: str,
+                        amp_choice: str = "auto") -> tuple[dict[str, Activations], str]:
     """Per-sample and fixed saved-for-backward bytes in fp32 and AMP, and how they were measured."""
     try:
-        return _fit(lambda b, amp: _fake_pass(model, input_shape, b, task, device_type, amp)), "fake tensors"
+        return _fit(lambda b, cast: _fake_pass(model, input_shape, b, task, device_type, cast), amp_choice), \
+            "fake tensors"
     except Exception as fake_error:
         try:
-            return _fit(lambda b, amp: _real_pass(model, input_shape, b, task, amp)), "real pass"
+            return _fit(lambda b, cast: _real_pass(model, input_shape, b, task, cast), amp_choice), "real pass"
         except Exception as exc:
             raise RunnerError(f"cannot measure activations: the model's forward failed on inputs of shape "
                               f"(batch, {', '.join(map(str, input_shape))}): {type(exc).__name__}: "
@@ -146,12 +151,14 @@ def measure_activations(model: nn.Module, input_shape: tuple[int, ...], task: st
                               f"(fake tensors: {type(fake_error).__name__})") from None
 
 
-def _fit(saved_bytes: Callable[[int, bool], int]) -> dict[str, Activations]:
-    """Saved bytes at two batch sizes, per precision → a per-sample slope and a fixed part."""
+def _fit(saved_bytes: Callable[[int, str | None], int], amp_choice: str) -> dict[str, Activations]:
+    """Saved bytes at two batch sizes, per precision → a per-sample slope and a fixed part. `saved_bytes`
+    takes the batch and the autocast choice (None: fp32)."""
     small, large = PROBE_BATCHES
     out = {}
     for precision in PRECISIONS:
-        a, b = saved_bytes(small, precision == "amp"), saved_bytes(large, precision == "amp")
+        cast = amp_choice if precision == "amp" else None
+        a, b = saved_bytes(small, cast), saved_bytes(large, cast)
         per_sample = max(0, (b - a) // (large - small))
         out[precision] = Activations(per_sample=per_sample, fixed=max(0, a - small * per_sample))
     return out
@@ -192,14 +199,15 @@ def _storage_key(tensor: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def _autocast(device_type: str, enabled: bool) -> Iterator[None]:
-    """`torch.autocast` without its device-availability check, so fake CUDA tensors get CUDA's rules."""
-    if not enabled:
+def _autocast(device_type: str, choice: str | None) -> Iterator[None]:
+    """`torch.autocast` without its device-availability check, so fake CUDA tensors get CUDA's rules;
+    `choice` is the --amp-dtype (None: no autocast)."""
+    if choice is None:
         yield
         return
     previous, previous_dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     torch.set_autocast_enabled(device_type, True)
-    torch.set_autocast_dtype(device_type, amp_dtype(device_type, True))
+    torch.set_autocast_dtype(device_type, amp_dtype(device_type, True, choice))
     torch.autocast_increment_nesting()
     try:
         yield
@@ -211,13 +219,13 @@ def _autocast(device_type: str, enabled: bool) -> Iterator[None]:
 
 
 def _saved_bytes(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: torch.Tensor, target: torch.Tensor,
-                 task: str, device_type: str, amp: bool) -> int:
+                 task: str, device_type: str, cast: str | None) -> int:
     saved = SavedTensors([*tensors.values(), inputs, target])
     was_training = model.training
     model.train()
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
-                _autocast(device_type, amp):
+                _autocast(device_type, cast):
             output = functional_call(model, tensors, (inputs,))
             make_task(task).loss(output, target)
     finally:
@@ -226,7 +234,7 @@ def _saved_bytes(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tor
 
 
 def _fake_pass(model: nn.Module, input_shape: tuple[int, ...], batch: int, task: str, device_type: str,
-               amp: bool) -> int:
+               cast: str | None) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = torch.device(device_type)
@@ -237,7 +245,7 @@ def _fake_pass(model: nn.Module, input_shape: tuple[int, ...], batch: int, task:
         inputs = torch.empty(batch, *input_shape, device=device)
         target = (torch.zeros(batch, dtype=torch.long, device=device) if task == "classify"
                   else torch.empty(batch, *input_shape, device=device))
-        return _saved_bytes(model, tensors, inputs, target, task, device_type, amp)
+        return _saved_bytes(model, tensors, inputs, target, task, device_type, cast)
 
 
 def largest_tensor_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -269,7 +277,7 @@ def largest_tensor_per_sample(model: nn.Module, input_shape: tuple[int, ...]) ->
     return -(-largest // batch)
 
 
-def _real_pass(model: nn.Module, input_shape: tuple[int, ...], batch: int, task: str, amp: bool) -> int:
+def _real_pass(model: nn.Module, input_shape: tuple[int, ...], batch: int, task: str, cast: str | None) -> int:
     """The same pass on real tensors on the model's device; buffers cloned, RNG restored."""
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -280,4 +288,4 @@ def _real_pass(model: nn.Module, input_shape: tuple[int, ...], batch: int, task:
         inputs = torch.rand(batch, *input_shape, device=device)
         target = (torch.zeros(batch, dtype=torch.long, device=device) if task == "classify"
                   else torch.rand(batch, *input_shape, device=device))
-        return _saved_bytes(model, tensors, inputs, target, task, device.type, amp)
+        return _saved_bytes(model, tensors, inputs, target, task, device.type, cast)

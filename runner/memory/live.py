@@ -24,6 +24,7 @@ from torch import nn
 from runner.config import TrainConfig
 from runner.memory.estimate import Activations, SavedTensors, breakdown
 from runner.memory.report import markdown
+from runner.telemetry import tags
 from runner.telemetry.events import Event, Scalar, Text
 
 log = logging.getLogger("runner")
@@ -59,10 +60,10 @@ class LiveEstimate:
         estimate = breakdown(self.model, self.input_shape, self.batch, cfg.optimizer, cfg.resolved_task,
                              self.device_type, cfg.amp, {precision: Activations(per_sample=0, fixed=activation_bytes)},
                              f"saved by autograd in step {step + 1}", cfg.model)
-        events: list[Event] = [Text(tag="memory_estimate", step=step, rank=rank, text=markdown(estimate))]
+        events: list[Event] = [Text(tag=tags.MEMORY_ESTIMATE, step=step, rank=rank, text=markdown(estimate))]
         for part, value in estimate.parts().items():
-            events.append(Scalar(tag=f"memory/estimate_{part}", step=step, rank=rank, value=float(value)))
-        events.append(Scalar(tag="memory/estimate_total", step=step, rank=rank, value=float(estimate.total())))
+            events.append(Scalar(tag=tags.estimate(part), step=step, rank=rank, value=float(value)))
+        events.append(Scalar(tag=tags.ESTIMATE_TOTAL, step=step, rank=rank, value=float(estimate.total())))
         return events
 
 

@@ -124,7 +124,7 @@ def report(failure: Capture, cfg: TrainConfig, model: nn.Module, input_shape: tu
     sentences = [f"out of memory at step {step} (batch {batch} on {device}): {failure.error}."]
     try:
         breakdown: Breakdown | None = estimate(model, input_shape, batch, cfg.optimizer, cfg.resolved_task,
-                                               device.type, cfg.amp, cfg.model)
+                                               device.type, cfg.amp, cfg.model, cfg.amp_dtype)
     except RunnerError as exc:
         breakdown = None
         sentences.append(f"No estimate: {exc}.")
@@ -193,7 +193,7 @@ def _smaller_input(breakdown: Breakdown, cfg: TrainConfig) -> str | None:
         with torch.device("meta"):
             small = build_model(cfg.model, shape[0], new, cfg.num_classes)
         smaller = estimate(small, (shape[0], new, new), breakdown.batch_size, cfg.optimizer, cfg.resolved_task,
-                           breakdown.device_type, cfg.amp, cfg.model)
+                           breakdown.device_type, cfg.amp, cfg.model, cfg.amp_dtype)
     except Exception:
         return None
     saving = breakdown.total() - smaller.total()

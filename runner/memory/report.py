@@ -93,6 +93,7 @@ def as_json(breakdown: Breakdown) -> dict[str, Any]:
         "optimizer": b.optimizer,
         "device_type": b.device_type,
         "selected": b.precision,
+        "amp_dtype": b.amp_dtype,
         "parameters": b.parameters,
         "trainable_parameters": b.trainable,
         "activations_measured_by": b.method,

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from runner.telemetry.events import Event, Finding, Scalar, Sink, Text
+from runner.telemetry import tags
+from runner.telemetry.events import Event, Finding, LogPoint, Scalar, Sink, Text
 
-_SHOWN = {"train/loss": "loss {:.4f}", "train/accuracy": "acc {:.3f}", "train/psnr": "psnr {:.2f} dB",
-          "train/samples_per_s": "{:.0f} samples/s"}
+_SHOWN = {tags.LOSS: "loss {:.4f}", tags.train("accuracy"): "acc {:.3f}", tags.train("psnr"): "psnr {:.2f} dB",
+          tags.SAMPLES_PER_S: "{:.0f} samples/s"}
 
 
 class ConsoleSink(Sink):
     """Shows progress and the latest loss/metric; status texts and findings are printed as they come."""
 
-    accepts = (Scalar, Text, Finding)
+    accepts = (Scalar, Text, Finding, LogPoint)
 
     def __init__(self, total_steps: int, run_name: str, live: bool | None = None) -> None:
         self.total, self.name = total_steps, run_name
@@ -37,9 +38,9 @@ class ConsoleSink(Sink):
         self.step = max(self.step, event.step)
         if isinstance(event, Scalar) and event.tag in _SHOWN:
             self.latest[event.tag] = float(event.value)
-            if event.tag == "train/loss" and not self.live:
-                print(f"[{self.name}] step {event.step}/{self.total}  {self._stats()}", file=sys.stderr, flush=True)
-        elif isinstance(event, Text) and event.tag == "status":
+        elif isinstance(event, LogPoint) and not self.live:
+            print(f"[{self.name}] step {event.step}/{self.total}  {self._stats()}", file=sys.stderr, flush=True)
+        elif isinstance(event, Text) and event.tag == tags.STATUS:
             self._print(f"[{self.name}] {event.text}")
         elif isinstance(event, Finding) and (event.kind, event.message) not in self.shown:
             self.shown.add((event.kind, event.message))

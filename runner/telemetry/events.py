@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-SYSTEM_READINGS = frozenset({"cpu_percent", "workers", "gpu_util", "gpu_power_w", "gpu_temp_c"})  # not bytes
+from runner.telemetry import tags
 
 
 class HostCopy:
@@ -121,9 +121,8 @@ class MemorySample(Event):
     def series(self) -> dict[str, float]:
         """Dashboard names, the same in every sink: `memory/<key>` for bytes, `system/<key>` for the
         rest (CPU %, GPU utilisation/power/temperature, worker count); `/rank<r>` appended under DDP."""
-        suffix = f"/rank{self.rank}" if self.world_size > 1 else ""
-        return {f"{'system' if key in SYSTEM_READINGS else 'memory'}/{key}{suffix}": value
-                for key, value in self.values.items()}
+        rank = self.rank if self.world_size > 1 else None
+        return {tags.reading(key, rank): value for key, value in self.values.items()}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -158,8 +157,19 @@ class Finding(Event):
     advice: str = ""
 
 
+@dataclass(kw_only=True, slots=True)
+class LogPoint(Event):
+    """Closes the log point of `step`: every scalar, image grid and histogram of it was emitted before.
+
+    Whoever acts once per log point (the console's line, the rules, summary.json) acts on this event,
+    never on the order in which scalars arrive.
+    """
+
+    tag: str = tags.LOG_POINT
+
+
 COALESCED = (Scalar, MemorySample)  # past a sink's queue limit, only the newest per tag and rank waits
-NEVER_DROPPED = (Text, Graph, HParams, Finding)  # always queued: rare, and each one says something once
+NEVER_DROPPED = (Text, Graph, HParams, Finding, LogPoint)  # always queued: rare, and each one says something once
 # ImageGrid and Histogram (heavy, periodic) are dropped past a sink's `capacity` pending ones.
 
 

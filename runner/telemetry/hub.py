@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 
+from runner.telemetry import tags
 from runner.telemetry.events import COALESCED, NEVER_DROPPED, Event, Sink
 
 log = logging.getLogger("runner.telemetry")
@@ -215,9 +216,9 @@ class Hub:
                 unreachable = max(unreachable, float(worker.sink.unreachable_for()))
             except Exception:
                 log.debug("%s.unreachable_for failed", worker.name, exc_info=True)
-        return {"telemetry/dropped": float(self.dropped),
-                "telemetry/backlog": float(max((w.backlog for w in self._workers), default=0)),
-                "telemetry/unreachable_s": unreachable}
+        return {tags.DROPPED: float(self.dropped),
+                tags.BACKLOG: float(max((w.backlog for w in self._workers), default=0)),
+                tags.UNREACHABLE_S: unreachable}
 
     def emit(self, event: Event) -> None:
         """Queue an event for every sink that accepts it; returns at once. Thread-safe."""

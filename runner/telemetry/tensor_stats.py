@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from runner.tasks import Grid, label_caption
+from runner.telemetry import tags
 from runner.telemetry.events import Event, Histogram, HostCopy, HostValue, ImageGrid, Scalar
 
 BINS = 64
@@ -55,10 +56,10 @@ def parameter_stats(model: nn.Module, step: int, rank: int, bins: int = BINS) ->
     for name, param in model.named_parameters():
         if param.numel() == 0:
             continue
-        weight_names.append(f"weights/{name}")
+        weight_names.append(tags.weights(name))
         weight_rows.append(_histogram_row(param, bins))
         if param.grad is not None:
-            grad_names.append(f"grads/{name}")
+            grad_names.append(tags.grads(name))
             grad_rows.append(_histogram_row(param.grad, bins))
     names, rows = weight_names + grad_names, weight_rows + grad_rows
     if not rows:
@@ -70,10 +71,10 @@ def parameter_stats(model: nn.Module, step: int, rank: int, bins: int = BINS) ->
     hist_copy, norm_copy = to_host(table), to_host(torch.cat(norms))
     events: list[Event] = [Histogram(tag=n, step=step, rank=rank, data=hist_copy, row=i)
                            for i, n in enumerate(names)]
-    events += [Scalar(tag=f"norms/{n}", step=step, rank=rank, value=HostValue(norm_copy, i))
+    events += [Scalar(tag=tags.NORMS + n, step=step, rank=rank, value=HostValue(norm_copy, i))
                for i, n in enumerate(names)]
     if grad_rows:
-        events.append(Scalar(tag="train/grad_norm", step=step, rank=rank, value=HostValue(norm_copy, len(names))))
+        events.append(Scalar(tag=tags.GRAD_NORM, step=step, rank=rank, value=HostValue(norm_copy, len(names))))
     return events
 
 
@@ -81,13 +82,13 @@ def without_nonfinite_gradients(events: list[Event]) -> list[Event]:
     """`events` of `parameter_stats`, less the gradients' when their global norm is NaN/inf (a step
     whose update GradScaler skipped, or a NaN loss): an inf histogram says nothing and ruins the
     chart's scale. Reads the norm, so call it once the copy has landed (after a log point's sync)."""
-    grad_norm = next((e for e in events if e.tag == "train/grad_norm"), None)
+    grad_norm = next((e for e in events if e.tag == tags.GRAD_NORM), None)
     if grad_norm is None or math.isfinite(float(grad_norm.value)):
         return events
-    return [e for e in events if not e.tag.startswith(("grads/", "norms/grads/")) and e is not grad_norm]
+    return [e for e in events if not e.tag.startswith((tags.GRADS, tags.NORMS_GRADS)) and e is not grad_norm]
 
 
-def grid_event(grid: Grid, step: int, rank: int, tag: str = "images/samples") -> Callable[[], ImageGrid]:
+def grid_event(grid: Grid, step: int, rank: int, tag: str = tags.IMAGES_SAMPLES) -> Callable[[], ImageGrid]:
     """Rows of images → one `make_grid` picture (C, H, W) in [0, 1], copied without a sync. Returns
     the event's maker: call it once the labels' copy has landed (after a log point's sync)."""
     from torchvision.utils import make_grid

@@ -21,13 +21,23 @@ from runner import config as config_io
 from runner.config import TrainConfig
 from runner.memory.live import LiveEstimate
 from runner.tasks import ClassifyTask, DenoiseTask
-from runner.telemetry.events import Event, Graph, Histogram, HParams, ImageGrid, MemorySample, Scalar, Text
+from runner.telemetry import tags
+from runner.telemetry.events import (
+    Event,
+    Graph,
+    Histogram,
+    HParams,
+    ImageGrid,
+    LogPoint,
+    MemorySample,
+    Scalar,
+    Text,
+)
 from runner.telemetry.hub import Hub
 from runner.telemetry.memory import MemoryProbe
 from runner.telemetry.model_graph import trace_graph
 from runner.telemetry.tensor_stats import grid_event, parameter_stats, without_nonfinite_gradients
 from runner.train.log_window import Totals
-from runner.train.step_clock import PARTS
 from runner.train.strategy import Strategy
 
 HPARAMS = ("model", "data", "optimizer", "lr", "batch_size", "image_size", "amp", "strategy", "seed")
@@ -63,7 +73,7 @@ class Reporter:
         self.unreadable_named += len(new)
         log.warning("unreadable, skipped: %s", "; ".join(new))
         if self.hub.active:
-            self.hub.emit(Text(tag="data/unreadable", step=step, rank=self.rank, text="\n".join(new)))
+            self.hub.emit(Text(tag=tags.UNREADABLE, step=step, rank=self.rank, text="\n".join(new)))
 
     # --- every step ------------------------------------------------------------------------
 
@@ -72,7 +82,7 @@ class Reporter:
         if step % cfg.memory_every == 0 and (self.world > 1 or hub.wants(MemorySample)):
             sample = self.probe.sample()
             if hub.active:
-                hub.emit(MemorySample(tag="memory", step=step, rank=self.rank, values=sample, world_size=self.world))
+                hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=self.rank, values=sample, world_size=self.world))
             if self.world > 1:
                 self.memory_window.append((step, sample))
         if (step % cfg.images_every == 0 or step == 1) and hub.wants(ImageGrid):
@@ -91,18 +101,16 @@ class Reporter:
         mean = {key: sum(t[key] for t in everyone) / len(everyone) for key in times}
         samples = max(totals.samples, 1.0)
         values = {
-            f"train/{self.task.metric_name}": totals.metric / samples,
-            "train/lr": lr,
-            "train/samples_per_s": samples / max(mean["step"] * steps / 1000, 1e-9),
-            "train/step_time_ms": times["step"],
-            "train/data_wait_ms": mean["data_wait"],
-            "train/skipped": totals.skipped,
-            "train/amp_skipped": float(amp_skipped),
-            "train/loss": totals.loss / samples,  # after the metric and samples/s: the console prints on it
+            tags.LOSS: totals.loss / samples,
+            tags.train(self.task.metric_name): totals.metric / samples,
+            tags.LR: lr,
+            tags.SAMPLES_PER_S: samples / max(mean["step"] * steps / 1000, 1e-9),
+            tags.SKIPPED: totals.skipped,
+            tags.AMP_SKIPPED: float(amp_skipped),
         }
         if amp_scale is not None:
-            values["train/amp_scale"] = amp_scale
-        values.update({f"time/{part}_ms": mean[part] for part in (*PARTS, "step")})
+            values[tags.AMP_SCALE] = amp_scale
+        values.update({tags.time_ms(part): mean[part] for part in (*tags.TIME_PARTS, "step")})
         if self.world > 1:
             values.update(self._per_rank(everyone))
         values.update(self.hub.health())
@@ -116,6 +124,7 @@ class Reporter:
         for make in pending:
             for event in make():
                 self.hub.emit(event)
+        self.hub.emit(LogPoint(step=step, rank=self.rank))
 
     def _gather(self, step: int, times: dict[str, float]) -> list[dict[str, float]]:
         """DDP: every rank's memory samples since the last log point and time breakdown, on rank 0
@@ -130,23 +139,24 @@ class Reporter:
             if rank == self.rank:
                 continue  # rank 0 emitted its own live
             for step, values in samples:
-                self.hub.emit(MemorySample(tag="memory", step=step, rank=rank, values=values, world_size=len(gathered)))
+                self.hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=rank, values=values, world_size=len(gathered)))
         key = "allocated" if self.strategy.device.type == "cuda" else "rss"
         latest = [samples[-1][1][key] for samples, _ in gathered if samples]
         if latest:
             lo, hi = min(latest), max(latest)
-            for tag, value in (("min", lo), ("max", hi), ("skew", (hi - lo) / max(hi, 1.0))):
-                self.hub.emit(Scalar(tag=f"memory/ranks_{key}_{tag}", step=step, rank=self.rank, value=value))
+            for stat, value in (("min", lo), ("max", hi), ("skew", (hi - lo) / max(hi, 1.0))):
+                self.hub.emit(Scalar(tag=tags.ranks_memory(key, stat), step=step, rank=self.rank, value=value))
         return [t for _, t in gathered]
 
     @staticmethod
     def _per_rank(everyone: list[dict[str, float]]) -> dict[str, float]:
         """`time/<part>_ms/rank<r>`, the slowest rank and the skew of the step time over ranks."""
-        values = {f"time/{part}_ms/rank{rank}": t[part] for rank, t in enumerate(everyone) for part in (*PARTS, "step")}
+        values = {tags.time_ms(part, rank): t[part] for rank, t in enumerate(everyone)
+                  for part in (*tags.TIME_PARTS, "step")}
         steps = [t["step"] for t in everyone]
         slowest = max(range(len(steps)), key=steps.__getitem__)
-        values["time/slowest_rank"] = float(slowest)
-        values["time/skew"] = (steps[slowest] - min(steps)) / max(steps[slowest], 1e-9)
+        values[tags.SLOWEST_RANK] = float(slowest)
+        values[tags.TIME_SKEW] = (steps[slowest] - min(steps)) / max(steps[slowest], 1e-9)
         return values
 
     # --- start and end ---------------------------------------------------------------------
@@ -169,13 +179,13 @@ class Reporter:
         """The start's events (config, status, HParams opening the session, graph); returns the memory
         estimate that measures the first step's activations, then emits its events."""
         emit = self.hub.emit
-        emit(Text(tag="config", step=step, rank=self.rank, text=config_io.dumps(self.cfg)))
+        emit(Text(tag=tags.CONFIG, step=step, rank=self.rank, text=config_io.dumps(self.cfg)))
         if resumed_from is not None:
-            emit(Text(tag="status", step=step, rank=self.rank, text=f"resumed from {resumed_from} at step {step}"))
-        emit(Text(tag="status", step=step, rank=self.rank, text=text))
+            emit(Text(tag=tags.STATUS, step=step, rank=self.rank, text=f"resumed from {resumed_from} at step {step}"))
+        emit(Text(tag=tags.STATUS, step=step, rank=self.rank, text=text))
         if batch_search is not None:
-            emit(Text(tag="auto_batch", step=step, rank=self.rank, text=batch_search.text()))
-        names = ("train/loss", f"train/{self.task.metric_name}")  # the HParams table's metric columns
+            emit(Text(tag=tags.AUTO_BATCH, step=step, rank=self.rank, text=batch_search.text()))
+        names = (tags.LOSS, tags.train(self.task.metric_name))  # the HParams table's metric columns
         emit(self.hparams(step, batch_size, dict.fromkeys(names, math.nan), status=""))
         if self.graph is not None and step == 0 and self.hub.wants(Graph):
             emit(self.graph)
@@ -185,12 +195,12 @@ class Reporter:
         """The final status line and the HParams with the end status (finished | stopped | failed)."""
         if not self.hub.active:
             return
-        self.hub.emit(Text(tag="status", step=step, rank=self.rank, text=text))
-        names = ("train/loss", f"train/{self.task.metric_name}")
+        self.hub.emit(Text(tag=tags.STATUS, step=step, rank=self.rank, text=text))
+        names = (tags.LOSS, tags.train(self.task.metric_name))
         metrics = {k: self.last_scalars.get(k, math.nan) for k in names}
         self.hub.emit(self.hparams(step, batch_size, metrics, status))
 
     def hparams(self, step: int, batch_size: int, metrics: dict[str, float], status: str) -> HParams:
         hparams = {k: v for k, v in self.cfg.to_dict().items() if k in HPARAMS}
         hparams["batch_size"] = batch_size
-        return HParams(tag="hparams", step=step, rank=self.rank, hparams=hparams, metrics=metrics, status=status)
+        return HParams(tag=tags.HPARAMS, step=step, rank=self.rank, hparams=hparams, metrics=metrics, status=status)

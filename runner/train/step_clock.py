@@ -21,7 +21,8 @@ import time
 
 import torch
 
-PARTS = ("data_wait", "h2d", "forward", "backward", "optimizer", "telemetry", "other")
+from runner.telemetry import tags
+
 DEVICE_PARTS = ("h2d", "forward", "backward", "optimizer")  # timed with CUDA events on CUDA
 _EVENT_AT = {"h2d": 0, "forward": 1, "backward": 2, "optimizer": 3, "telemetry": 4}  # event recorded on entry
 RING = 32  # event sets: the GPU runs at most a few steps behind the host, and sets are harvested when short
@@ -78,12 +79,12 @@ class StepClock:
 
     def __init__(self, device: torch.device) -> None:
         self.events = _EventRing(device) if device.type == "cuda" else None
-        self.sums = dict.fromkeys(PARTS, 0.0)
+        self.sums = dict.fromkeys(tags.TIME_PARTS, 0.0)
         self.part = "other"
         self.last = self.window_start = time.perf_counter()
 
     def enter(self, part: str) -> None:
-        """From now on the time is `part`'s (one of PARTS)."""
+        """From now on the time is `part`'s (one of tags.TIME_PARTS)."""
         now = time.perf_counter()
         self.sums[self.part] += now - self.last
         self.part, self.last = part, now
@@ -98,10 +99,10 @@ class StepClock:
         wall, self.last, self.window_start = now - self.window_start, now, now
         steps = max(steps, 1)
         ms = {part: 1000 * seconds / steps for part, seconds in self.sums.items()}
-        self.sums = dict.fromkeys(PARTS, 0.0)
+        self.sums = dict.fromkeys(tags.TIME_PARTS, 0.0)
         ms["step"] = 1000 * wall / steps
         device = self.events.take() if self.events is not None else None
         if device is not None:  # host launch times replaced by device times; the rest is `other`
             ms.update(device)
-            ms["other"] = max(0.0, ms["step"] - sum(ms[p] for p in PARTS if p != "other"))
+            ms["other"] = max(0.0, ms["step"] - sum(ms[p] for p in tags.TIME_PARTS if p != "other"))
         return ms
