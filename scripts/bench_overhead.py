@@ -146,8 +146,8 @@ def runner_config(run_dir: Path, viz: str, visdom_url: str = "") -> object:
 def run_runner(run_dir: Path, viz: str, visdom_url: str = "", close_timeout: float = 60.0) -> Timing:
     """Build a trainer and its sinks (not timed), then time `fit` and draining the hub."""
     from runner.telemetry.hub import Hub
-    from runner.telemetry.sinks import build_sinks
     from runner.train.loop import Trainer
+    from runner.train.sinks import build_sinks
     from runner.train.strategy import make_strategy
 
     cfg = runner_config(run_dir, viz, visdom_url=visdom_url)

@@ -15,8 +15,8 @@ log = logging.getLogger("runner")
 
 def run_training(cfg: TrainConfig) -> int:
     """Train in this process (a single/dp run, or one torchrun rank). Returns the exit code."""
-    from runner.telemetry.sinks import build_sinks
     from runner.train.loop import Trainer
+    from runner.train.sinks import build_sinks
     from runner.train.strategy import make_strategy
 
     stop = GracefulStop().install()

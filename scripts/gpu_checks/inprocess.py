@@ -123,8 +123,8 @@ def _runner(device: str, steps: int, size: int, batch: int, amp: bool, visdom_ur
     """runner's `fit` with every stream on (scalars and memory each step, images and histograms every
     20 steps) to TensorBoard and Visdom, plus draining the sinks."""
     from runner.telemetry.hub import Hub
-    from runner.telemetry.sinks import build_sinks
     from runner.train.loop import Trainer
+    from runner.train.sinks import build_sinks
     from runner.train.strategy import make_strategy
 
     cfg = _config(run_dir.parent, run_dir.name, device=device, steps=steps, image_size=size, batch_size=batch,
