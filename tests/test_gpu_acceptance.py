@@ -56,7 +56,7 @@ def test_syncs_judge_counts_the_training_thread_only() -> None:
     ok = judge.syncs("no added syncs", report)
     assert ok.status == "PASS" and "log points cost 2-3 syncs" in ok.summary and "(7 on sink threads)" in ok.summary
     bad = dict(report, steady_syncs={"training_thread": 4, "other_threads": 0},
-               steady_sites={"runner/telemetry/tensor_stats.py:40": 4})
+               steady_sites={"runner/probes/tensor_stats.py:40": 4})
     result = judge.syncs("no added syncs", bad)
     assert result.status == "FAIL" and "tensor_stats.py:40 ×4" in result.reason
     assert judge.syncs("no added syncs", None).status == "FAIL"

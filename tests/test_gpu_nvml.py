@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
+from runner.probes.memory import GpuIdentity, MemoryProbe, nvml_handle, open_nvml
 from runner.procs.gpu_memory import gpu_memory_by_pid
-from runner.telemetry.memory import GpuIdentity, MemoryProbe, nvml_handle, open_nvml
 
 UUID = "58e9a9f2-1c1e-7c3b-9a55-0e5b4e1d2f10"
 
@@ -86,9 +86,9 @@ def test_gpu_metrics_off_is_said_once_when_nvml_cannot_find_or_open(caplog: pyte
 
 
 def test_a_cpu_run_does_not_open_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No GPU in the run, so no GPU to read and nothing to say about NVML (decided in runner/telemetry/memory.py)."""
+    """No GPU in the run, so no GPU to read and nothing to say about NVML (decided in runner/probes/memory.py)."""
     opened = []
-    monkeypatch.setattr("runner.telemetry.memory.open_nvml", lambda *a: opened.append(a))
+    monkeypatch.setattr("runner.probes.memory.open_nvml", lambda *a: opened.append(a))
     probe = MemoryProbe(torch.device("cpu"), 60.0)
     try:
         assert not probe.system.gpu_metrics and opened == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.telemetry.sync_debug import ENV, MESSAGE, SyncDebug
+from runner.probes.sync_debug import ENV, MESSAGE, SyncDebug
 
 
 def _sync() -> None:

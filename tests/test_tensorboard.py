@@ -27,8 +27,8 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from dashboards.event_file import masked_crc32c
 from dashboards.tensorboard import TensorBoardSink
 from runner.models import build_model
+from runner.probes.tensor_stats import parameter_stats
 from runner.telemetry.events import HParams, ImageGrid, MemorySample, Scalar
-from runner.telemetry.tensor_stats import parameter_stats
 from tests.conftest import ROOT, run_runner
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress", "--resume", "never",
@@ -355,7 +355,7 @@ def test_the_graph_helpers_were_checked_on_every_torch_release_pyproject_allows(
     import re
     import tomllib
 
-    from runner.telemetry.model_graph import GRAPH_HELPERS_CHECKED, torch_release
+    from runner.probes.model_graph import GRAPH_HELPERS_CHECKED, torch_release
 
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     (lowest,) = [re.search(r"torch>=([\d.]+)", d)[1] for d in dependencies if re.match(r"torch\b", d)]
@@ -368,7 +368,7 @@ def test_a_torch_without_the_private_graph_helpers_gets_the_layer_table(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.utils.tensorboard._pytorch_graph as helpers
 
-    from runner.telemetry.model_graph import trace_graph
+    from runner.probes.model_graph import trace_graph
 
     model, example = build_model("cnn", 3, 16, 10), torch.rand(2, 3, 16, 16)
     assert trace_graph(model, example).graph_def is not None  # this torch: the graph

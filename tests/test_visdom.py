@@ -283,7 +283,7 @@ def test_graph_picture_of_a_unet() -> None:
     import torch
 
     from runner.models import build_model
-    from runner.telemetry.model_graph import trace_graph
+    from runner.probes.model_graph import trace_graph
 
     event = trace_graph(build_model("tinyunet", 3, 32, 10), torch.rand(2, 3, 32, 32))
     svg = graph_svg(event.nodes, event.layer_table)

@@ -1,1 +1,1 @@
-"""The event stream: typed events, the hub that fans them out to sinks, and the probes that make them."""
+"""The event stream: typed events, the tag vocabulary, the hub that fans events out to sinks, the console."""

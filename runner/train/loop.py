@@ -24,11 +24,11 @@ from runner.errors import RunnerError
 from runner.memory import postmortem
 from runner.models import build_model
 from runner.optim import amp_dtype, make_optimizer, make_scaler
+from runner.probes.memory import MemoryProbe
+from runner.probes.sync_debug import SyncDebug
 from runner.procs.signals import StopRequested, deferred
 from runner.tasks import make_task
 from runner.telemetry.hub import Hub
-from runner.telemetry.memory import MemoryProbe
-from runner.telemetry.sync_debug import SyncDebug
 from runner.train import checkpoint, first_nonfinite, oom
 from runner.train.log_window import LogWindow
 from runner.train.profiling import StepProfiler

@@ -20,6 +20,9 @@ from torch import nn
 from runner import config as config_io
 from runner.config import TrainConfig
 from runner.memory.live import LiveEstimate
+from runner.probes.memory import MemoryProbe
+from runner.probes.model_graph import trace_graph
+from runner.probes.tensor_stats import grid_event, parameter_stats, without_nonfinite_gradients
 from runner.tasks import ClassifyTask, DenoiseTask
 from runner.telemetry import tags
 from runner.telemetry.events import (
@@ -34,9 +37,6 @@ from runner.telemetry.events import (
     Text,
 )
 from runner.telemetry.hub import Hub
-from runner.telemetry.memory import MemoryProbe
-from runner.telemetry.model_graph import trace_graph
-from runner.telemetry.tensor_stats import grid_event, parameter_stats, without_nonfinite_gradients
 from runner.train.log_window import Totals
 from runner.train.strategy import Strategy
 
