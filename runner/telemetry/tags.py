@@ -33,6 +33,12 @@ SKIPPED = "train/skipped"  # unreadable samples so far
 AMP_SKIPPED = "train/amp_skipped"  # updates GradScaler skipped so far
 AMP_SCALE = "train/amp_scale"
 GRAD_NORM = "train/grad_norm"  # global gradient norm at histogram steps
+# Gradient norms measured at every step (runner/train/grad_norms.py), read at log points:
+GRAD_GLOBAL = "norms/grad_global"  # the global gradient norm, mean over the window's finite steps
+GRAD_GLOBAL_MAX = "norms/grad_global_max"  # its largest value in the window
+GRAD_LAYER_MAX = "norms/grad_layer_max"  # the largest per-parameter gradient norm in the window
+GRAD_LAYER_MAX_NAME = "norms/grad_layer_max_name"  # Text: that parameter's name, when it changes
+INPUT_PSNR = "train/psnr_input"  # denoise: the PSNR of the noisy input itself, what "not learning" compares to
 
 
 def train(name: str) -> str:
