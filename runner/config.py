@@ -30,6 +30,8 @@ VIZ = ("none", "tensorboard", "visdom", "both")
 STRATEGIES = ("single", "dp", "ddp")
 ON_NAN = ("stop", "skip")
 ON_OOM = ("stop", "retry")
+LR_SCHEDULES = ("constant", "cosine", "step", "onecycle")
+MONITOR_MODES = ("min", "max")
 AMP_DTYPES = ("auto", "fp16", "bf16")
 START_METHODS = ("default", "fork", "spawn", "forkserver")
 DENOISE_MODELS = ("tinyunet", "unet")
@@ -52,6 +54,12 @@ class TrainConfig:
     noise_sigma: float = 0.2
     download: bool = False
     weighted_sampling: bool = False
+    # validation
+    val_data: str = ""  # the same forms as data; empty: none, or --val-split
+    val_split: float = 0.0  # a fraction of data held out for validation (0: none)
+    eval_every: int = 0  # steps between evaluations; 0: every epoch (and always at the end)
+    monitor: str = "val/loss"  # the tag best.pt follows
+    monitor_mode: str = "min"
     # optimisation
     steps: int = 0  # 0: from --epochs, else 100
     epochs: int = 0  # used when steps is 0: steps = epochs * batches per epoch
@@ -63,6 +71,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     amp: bool = False
     amp_dtype: str = "auto"  # under --amp; auto: fp16 + GradScaler on CUDA, bf16 on CPU
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0  # linear warm-up from lr/WARMUP_START_FACTOR before the schedule
+    min_lr: float = 0.0  # where cosine ends; the floor of step
+    clip_grad_norm: float = 0.0  # 0: no clipping
+    accumulate: int = 1  # micro-batches per optimizer step
+    compile: bool = False
+    channels_last: bool = False
     seed: int = 0
     workers: int = 0
     worker_start_method: str = "default"
@@ -109,7 +124,7 @@ class TrainConfig:
     def resolved_task(self) -> str:
         """`classify` or `denoise`, deciding `auto` from the model and data."""
         if self.task != "auto":
-            return self.task
+            return self.task  # classify, denoise, or a package.module:factory import path
         if self.model in DENOISE_MODELS or self.data.startswith("paired:"):
             return "denoise"
         return "classify"
@@ -248,7 +263,7 @@ def validate(cfg: TrainConfig) -> None:
         )
     if kind in ("imagefolder", "paired", "mnist", "cifar10") and ":" not in cfg.data:
         raise usage_error(f"data {kind} needs a path: --data {kind}:PATH")
-    _choice("task", cfg.task, TASKS)
+    _validate_training(cfg)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("device", cfg.device, DEVICES)
     _choice("viz", cfg.viz, VIZ)
@@ -286,6 +301,33 @@ def validate(cfg: TrainConfig) -> None:
     if "_" in cfg.experiment:
         raise usage_error(f"experiment must not contain '_' (Visdom groups envs at the first '_'), "
                           f"got {cfg.experiment!r}")
+
+
+def _validate_training(cfg: TrainConfig) -> None:
+    """The checks of the task, validation, schedule, clipping and accumulation flags."""
+    if cfg.task not in TASKS and not IMPORT_PATH.match(cfg.task):
+        raise usage_error(f"unknown task {cfg.task!r}: {choice_hint(cfg.task, TASKS)} "
+                          "or give an import path package.module:factory")
+    _choice("lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
+    _choice("monitor-mode", cfg.monitor_mode, MONITOR_MODES)
+    if cfg.accumulate < 1:
+        raise usage_error(f"accumulate must be at least 1, got {cfg.accumulate}")
+    for name in ("warmup_steps", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise usage_error(f"{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
+        raise usage_error(f"min-lr must lie between 0 and lr ({cfg.lr}), got {cfg.min_lr}")
+    if cfg.clip_grad_norm < 0:
+        raise usage_error(f"clip-grad-norm must not be negative (0: off), got {cfg.clip_grad_norm}")
+    if not 0 <= cfg.val_split < 1:
+        raise usage_error(f"val-split is the held-out fraction, 0 <= FRACTION < 1, got {cfg.val_split}")
+    if cfg.val_split and cfg.val_data:
+        raise usage_error("give either --val-data or --val-split, not both")
+    kind = cfg.val_data.split(":", 1)[0]
+    if cfg.val_data and kind not in DATA_KINDS and not IMPORT_PATH.match(cfg.val_data):
+        raise usage_error(f"unknown val-data {cfg.val_data!r}: the same forms as --data")
+    if not cfg.monitor.startswith(("val/", "train/")):
+        raise usage_error(f"monitor names a train/ or val/ tag, e.g. val/loss or val/accuracy, got {cfg.monitor!r}")
 
 
 def dumps(cfg: TrainConfig) -> str:

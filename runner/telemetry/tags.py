@@ -33,6 +33,8 @@ SKIPPED = "train/skipped"  # unreadable samples so far
 AMP_SKIPPED = "train/amp_skipped"  # updates GradScaler skipped so far
 AMP_SCALE = "train/amp_scale"
 GRAD_NORM = "train/grad_norm"  # global gradient norm at histogram steps
+CLIP_NORM = "train/clip_norm"  # --clip-grad-norm: mean pre-clip global gradient norm over the window
+CLIPPED_SHARE = "train/clipped_share"  # --clip-grad-norm: the window's share of steps that were clipped
 # Gradient norms measured at every step (runner/train/grad_norms.py), read at log points:
 GRAD_GLOBAL = "norms/grad_global"  # the global gradient norm, mean over the window's finite steps
 GRAD_GLOBAL_MAX = "norms/grad_global_max"  # its largest value in the window
@@ -57,6 +59,8 @@ STEP_MS = "time/step_ms"
 DATA_WAIT_MS = "time/data_wait_ms"
 SLOWEST_RANK = "time/slowest_rank"
 TIME_SKEW = "time/skew"
+EVAL_S = "time/eval_s"  # one evaluation's wall time (kept out of the step breakdown and samples/s)
+COMPILE_S = "time/compile_s"  # --compile: the first step's extra time, compiling (kept out of its timings)
 
 
 def time_ms(part: str, rank: int | None = None) -> str:
@@ -116,3 +120,4 @@ FINDINGS = "findings"  # Finding
 HPARAMS = "hparams"  # HParams
 MEMORY_SAMPLE = "memory"  # MemorySample: one step's readings (see `reading`)
 LOG_POINT = "log_point"  # LogPoint: closes a log point
+BEST = "best"  # Text: best.pt was written: the --monitor tag, its value and step

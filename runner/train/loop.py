@@ -33,7 +33,8 @@ from runner.train import checkpoint, first_nonfinite, oom
 from runner.train.log_window import LogWindow
 from runner.train.profiling import StepProfiler
 from runner.train.reporting import Reporter
-from runner.train.stand_in import buffers_kept, stand_in_batch
+from runner.train.stand_in import stand_in_batch
+from runner.train.step import Micro, StepRunner
 from runner.train.step_clock import StepClock
 from runner.train.strategy import Strategy
 
@@ -75,7 +76,7 @@ class Trainer:
             postmortem.record_history(self.device)
         seed_everything(cfg.seed)
         self.task = make_task(cfg.resolved_task)
-        self.dataset = build_dataset(cfg, self.task.name)
+        self.dataset = build_dataset(cfg, cfg.resolved_task)
         self.input_shape = sample_shape(self.dataset)
         num_classes = len(getattr(self.dataset, "classes", [])) or cfg.num_classes
         self.raw_model = build_model(cfg.model, self.input_shape[0], self.input_shape[-1], num_classes)
@@ -91,7 +92,7 @@ class Trainer:
         if cfg.amp and self.scaler is None:
             log.info("amp on %s: %s autocast, no GradScaler", self.device.type, self.amp_dtype)
         self.sampler = strategy.sampler(self.dataset, cfg.seed)
-        self.per_epoch = batches_per_epoch(self.sampler, self.batch_size)
+        self.per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.steps or (cfg.epochs * self.per_epoch if cfg.epochs else 100)
         self.loader = self._loader()
         self.probe = MemoryProbe(self.device, cfg.system_every)
@@ -103,7 +104,8 @@ class Trainer:
         self.skipped = 0  # unreadable samples
         self.amp_skipped = 0  # steps whose update GradScaler skipped
         self.nonfinite_in_a_row = 0  # --on-nan skip
-        self.one = torch.ones((), device=self.device)  # reads GradScaler's scale on the device: scale(one)
+        self.runner = StepRunner(self.model, self.raw_model, self.task, self.optimizer, self.scaler, self._autocast,
+                                 cfg.clip_grad_norm, self.device)
         self.last_batch: Batch | None = None  # a reference (no copy): DDP stand-in, NaN re-run
         self.nonfinite = first_nonfinite.FirstNonfinite(self.raw_model, self.task.loss, self._autocast, self.ckpt_path,
                                                         self.rank)
@@ -135,6 +137,10 @@ class Trainer:
             share = max(1, len(self.dataset) // self.strategy.world_size)  # the samples one rank sees an epoch
             self.batch_search = choose_batch_size(self.cfg, self.raw_model, self.input_shape, self.device, share)
         return int(self.strategy.broadcast(self.batch_search.chosen if self.batch_search else 0))
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: --accumulate batches each (at least one step, with fewer batches)."""
+        return max(1, batches_per_epoch(self.sampler, self.batch_size) // self.cfg.accumulate)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         from runner.procs.worker_guard import guarded_worker_init
@@ -189,7 +195,7 @@ class Trainer:
         while self.step < self.total_steps and stop_reason is None:
             self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
             if offset:
-                self.sampler.resume_at(offset * self.batch_size)  # type: ignore[attr-defined]
+                self.sampler.resume_at(offset * self.batch_size * self.cfg.accumulate)  # type: ignore[attr-defined]
             epoch_good = self._run_epoch(window, first_batch=offset)
             if self.retry_at is not None:  # --oom retry halved the batch: this epoch goes on where it failed
                 offset, self.retry_at = self.retry_at, None
@@ -225,36 +231,21 @@ class Trainer:
         for index in range(first_batch, self.per_epoch):
             if self.profiler is not None:
                 self.profiler.before_step(self.step + 1)
-            self.clock.enter("data_wait")
-            try:
-                with self.interruptible():
-                    batch: Batch | None = next(batches, None)
-            except StopRequested:
+            micros = self._fetch(batches)
+            if micros is None:
                 break
-            if batch is None:
-                break
-            epoch_skipped += batch.skipped
-            self.skipped += batch.skipped
-            if batch.unreadable:
-                self.reporter.unreadable(self.step, batch.unreadable)
-            stand_in = batch.inputs is None
-            if stand_in:  # every sample unreadable
-                if self.strategy.world_size == 1:
-                    continue
-                batch = stand_in_batch(self.last_batch, self.input_shape, self.task.name)  # DDP: see stand_in
-            else:
-                good += batch.inputs.shape[0]
-                self.last_batch = batch
+            good += sum(m.batch.inputs.shape[0] for m in micros if not m.stand_in)
+            epoch_skipped += sum(m.batch.skipped for m in micros)
             failure = None
             try:
-                self._step(batch, window, stand_in)
+                self._step(micros, window)
             except Exception as exc:  # captured while the failed step's tensors are alive
                 if not postmortem.is_out_of_memory(exc):
                     raise
                 failure = postmortem.capture(exc, self.device, self.oom_dir, self.cfg.memory_snapshot)
             if failure is not None:
-                del batch
-                self._out_of_memory(failure, window, batches_done=index + (self.phase == "observe"))
+                del micros
+                self._out_of_memory(failure, window, steps_done=index + (self.phase == "observe"))
                 break
             self.clock.enter("other")
             if self.step >= self.total_steps or self._stop_requested():
@@ -264,28 +255,37 @@ class Trainer:
         del batches  # shut down non-persistent iterators promptly
         return good
 
-    def _step(self, batch: Batch, window: LogWindow, stand_in: bool = False) -> None:
+    def _fetch(self, batches: Any) -> list[Micro] | None:
+        """The next step's --accumulate batches (fewer at the end of the epoch; None when there are
+        none, or a stop request ended the wait). A batch whose every sample is unreadable is passed
+        over, except under DDP, where a stand-in takes its place (see stand_in)."""
+        micros: list[Micro] = []
+        while len(micros) < self.cfg.accumulate:
+            self.clock.enter("data_wait")
+            try:
+                with self.interruptible():
+                    batch: Batch | None = next(batches, None)
+            except StopRequested:
+                return None
+            if batch is None:
+                break
+            self.skipped += batch.skipped
+            if batch.unreadable:
+                self.reporter.unreadable(self.step, batch.unreadable)
+            if batch.inputs is not None:
+                self.last_batch = batch
+                micros.append(Micro(batch))
+            elif self.strategy.world_size > 1:
+                micros.append(Micro(stand_in_batch(self.last_batch, self.input_shape, self.cfg.resolved_task), True))
+        return micros or None
+
+    def _step(self, micros: list[Micro], window: LogWindow) -> None:
         cfg = self.cfg
         self.phase = "compute"
-        self.clock.enter("h2d")
-        inputs = batch.inputs.to(self.device, non_blocking=True)
-        targets = batch.targets.to(self.device, non_blocking=True)
-        self.clock.enter("forward")
-        kept = buffers_kept(self.raw_model) if stand_in else contextlib.nullcontext()
-        with kept, self._autocast(), self._first_step_probe(inputs, targets):
-            output = self.model(inputs)
-            loss = self.task.loss(output, targets)
-        if stand_in:
-            loss = loss * 0.0
-        self.clock.enter("backward")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        finite = torch.isfinite(loss.detach())
+        done = self.runner.compute(micros, self.clock, self._first_step_probe)
+        finite = done.finite
         if cfg.on_nan == "skip" and self._nonfinite_anywhere(finite):  # one sync per step, only in skip mode
-            self.nonfinite.at_step(self.hub, inputs, targets, self.step + 1)
+            self.nonfinite.at_step(self.hub, done.inputs, done.targets, self.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             log.warning("step %d: non-finite loss, step skipped (--on-nan skip)", self.step + 1)
             self.nonfinite_in_a_row += 1
@@ -296,13 +296,12 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.phase = "update"  # an error from here on may leave the weights half-updated
         self.clock.enter("optimizer")
-        amp_skipped = self._optimizer_step()
+        amp_skipped, clip = self.runner.update()
         self.step += 1
         self.phase = "observe"
         self.clock.enter("telemetry")
-        n = inputs.shape[0]
-        window.add(loss, None if stand_in else self.task.metric_sum(output, targets), n, finite, amp_skipped)
-        self.reporter.observe(self.step, self.raw_model, inputs, output, targets)
+        window.add(done.loss_sum, done.metrics, done.samples, finite, amp_skipped, clip)
+        self.reporter.observe(self.step, self.raw_model, done.inputs, done.output, done.targets)
         if self.profiler is not None:
             self._profiled(self.profiler.after_step(self.step))
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -319,17 +318,6 @@ class Trainer:
         if written:
             text = f"profile of steps {self.cfg.profile}: " + ", ".join(str(p) for p in written)
             self.reporter.note("profile", self.step, text)
-
-    def _optimizer_step(self) -> torch.Tensor | None:
-        """The update; under GradScaler, whether it skipped the update (inf/NaN gradients), as a device
-        bool read at the next log point: the scale, read as `scale(1)` without a sync, drops only then."""
-        if self.scaler is None:
-            self.optimizer.step()
-            return None
-        self.scaler.step(self.optimizer)
-        before = self.scaler.scale(self.one)
-        self.scaler.update()
-        return self.scaler.scale(self.one) < before
 
     def _nonfinite_anywhere(self, finite: torch.Tensor) -> bool:
         """Whether any rank's loss is NaN/inf (DDP averaged that rank's gradients into everyone's)."""
@@ -358,19 +346,19 @@ class Trainer:
     def oom_dir(self) -> Path:
         return self.cfg.run_path / "oom" / (f"rank{self.rank}" if self.rank else "")
 
-    def _out_of_memory(self, failure: postmortem.Capture, window: LogWindow, batches_done: int) -> None:
+    def _out_of_memory(self, failure: postmortem.Capture, window: LogWindow, steps_done: int) -> None:
         """Free what the failed step held, then --oom retry (oom.plan_retry) or stop (oom.stop)."""
         from runner.memory.trial import release
 
         step = self.step + (self.phase != "observe")
         release(self.raw_model, self.device)
         world = self.strategy.world_size
-        retry = oom.plan_retry(self.cfg, self.phase, self.batch_size, world, batches_done, step)
+        retry = oom.plan_retry(self.cfg, self.phase, self.batch_size, world, steps_done * self.cfg.accumulate, step)
         if retry is not None:
             self.batch_size = retry.batch_size
             shutdown_loader(self.loader)
-            self.loader, self.per_epoch = self._loader(), batches_per_epoch(self.sampler, self.batch_size)
-            self.retry_at = retry.resume_batch
+            self.loader, self.per_epoch = self._loader(), self._steps_per_epoch()
+            self.retry_at = retry.resume_batch // self.cfg.accumulate
             log.warning(retry.text)
             self.reporter.note("memory_oom", self.step, retry.text)
             return
@@ -386,7 +374,7 @@ class Trainer:
         steps = window.steps
         self.clock.enter("other")  # the sync waits for the device (and the other ranks): not telemetry's time
         totals = window.reduce(self.strategy, self.skipped, self.should_stop() is not None,
-                               self.scaler.scale(self.one) if self.scaler is not None else None)
+                               self.scaler.scale(self.runner.one) if self.scaler is not None else None)
         self.clock.enter("telemetry")
         times = self.clock.window(steps)  # after the sync: every CUDA event of the window has completed
         if totals.stops and self.agreed_stop is None:

@@ -23,7 +23,7 @@ from runner.memory.live import LiveEstimate
 from runner.probes.memory import MemoryProbe
 from runner.probes.model_graph import trace_graph
 from runner.probes.tensor_stats import grid_event, parameter_stats, without_nonfinite_gradients
-from runner.tasks import ClassifyTask, DenoiseTask
+from runner.tasks import Task
 from runner.telemetry import tags
 from runner.telemetry.events import (
     Event,
@@ -49,7 +49,7 @@ UNREADABLE_NAMED = 5  # files named per rank and run: enough to see the pattern,
 class Reporter:
     """Builds and emits the events of a run; rank > 0 only takes part in the log point's gather."""
 
-    def __init__(self, cfg: TrainConfig, strategy: Strategy, task: ClassifyTask | DenoiseTask,
+    def __init__(self, cfg: TrainConfig, strategy: Strategy, task: Task,
                  probe: MemoryProbe) -> None:
         self.cfg, self.strategy, self.task, self.probe = cfg, strategy, task, probe
         self.rank, self.world = strategy.rank, strategy.world_size
@@ -85,7 +85,7 @@ class Reporter:
                 hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=self.rank, values=sample, world_size=self.world))
             if self.world > 1:
                 self.memory_window.append((step, sample))
-        if (step % cfg.images_every == 0 or step == 1) and hub.wants(ImageGrid):
+        if (step % cfg.images_every == 0 or step == 1) and hub.wants(ImageGrid) and hasattr(self.task, "grid"):
             make = grid_event(self.task.grid(inputs, output, targets), step, self.rank)
             self.pending.append(lambda: [make()])
         if (step % cfg.hist_every == 0 or step == 1) and hub.wants(Histogram):
@@ -102,7 +102,7 @@ class Reporter:
         samples = max(totals.samples, 1.0)
         values = {
             tags.LOSS: totals.loss / samples,
-            tags.train(self.task.metric_name): totals.metric / samples,
+            **{tags.train(name): value / samples for name, value in totals.metrics.items()},
             tags.LR: lr,
             tags.SAMPLES_PER_S: samples / max(mean["step"] * steps / 1000, 1e-9),
             tags.SKIPPED: totals.skipped,
@@ -110,6 +110,9 @@ class Reporter:
         }
         if amp_scale is not None:
             values[tags.AMP_SCALE] = amp_scale
+        if totals.clip_steps:
+            values[tags.CLIP_NORM] = totals.grad_norm / totals.clip_steps
+            values[tags.CLIPPED_SHARE] = totals.clipped / totals.clip_steps
         values.update({tags.time_ms(part): mean[part] for part in (*tags.TIME_PARTS, "step")})
         if self.world > 1:
             values.update(self._per_rank(everyone))
@@ -185,7 +188,7 @@ class Reporter:
         emit(Text(tag=tags.STATUS, step=step, rank=self.rank, text=text))
         if batch_search is not None:
             emit(Text(tag=tags.AUTO_BATCH, step=step, rank=self.rank, text=batch_search.text()))
-        names = (tags.LOSS, tags.train(self.task.metric_name))  # the HParams table's metric columns
+        names = self._hparam_metrics()
         emit(self.hparams(step, batch_size, dict.fromkeys(names, math.nan), status=""))
         if self.graph is not None and step == 0 and self.hub.wants(Graph):
             emit(self.graph)
@@ -196,9 +199,13 @@ class Reporter:
         if not self.hub.active:
             return
         self.hub.emit(Text(tag=tags.STATUS, step=step, rank=self.rank, text=text))
-        names = (tags.LOSS, tags.train(self.task.metric_name))
+        names = self._hparam_metrics()
         metrics = {k: self.last_scalars.get(k, math.nan) for k in names}
         self.hub.emit(self.hparams(step, batch_size, metrics, status))
+
+    def _hparam_metrics(self) -> tuple[str, ...]:
+        """The HParams table's metric columns: the loss and the metrics a task declares (`metric_names`)."""
+        return (tags.LOSS, *(tags.train(name) for name in getattr(self.task, "metric_names", ())))
 
     def hparams(self, step: int, batch_size: int, metrics: dict[str, float], status: str) -> HParams:
         hparams = {k: v for k, v in self.cfg.to_dict().items() if k in HPARAMS}
