@@ -40,6 +40,9 @@ GRAD_GLOBAL = "norms/grad_global"  # the global gradient norm, mean over the win
 GRAD_GLOBAL_MAX = "norms/grad_global_max"  # its largest value in the window
 GRAD_LAYER_MAX = "norms/grad_layer_max"  # the largest per-parameter gradient norm in the window
 GRAD_LAYER_MAX_NAME = "norms/grad_layer_max_name"  # Text: that parameter's name, when it changes
+LOSS_MAX = "train/loss_max"  # the window's largest finite step loss (a spike the mean hides)
+LOSS_MAX_STEP = "train/loss_max_step"  # the step it came from
+LOSS_MIN = "train/loss_min"  # the window's smallest finite step loss
 INPUT_PSNR = "train/psnr_input"  # denoise: the PSNR of the noisy input itself, what "not learning" compares to
 
 
