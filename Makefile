@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 ASSETS_STAMP := $(VENV)/.visdom-assets
 PIP_QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-.PHONY: setup demo test test-fast browser bench clean gpu-bundle
+.PHONY: setup demo test test-fast browser bench clean gpu-bundle gpu-rehearsal
 .DEFAULT_GOAL := demo
 
 setup: $(STAMP) $(ASSETS_STAMP)
@@ -59,6 +59,17 @@ bench: setup
 # for Python 3.12 and Visdom's assets. The line that installs it there: scripts/gpu_acceptance.py --dry-run.
 gpu-bundle: setup
 	$(BIN)/python -m scripts.gpu_checks.bundle build .gpu-bundle
+	touch $(BUNDLE_STAMP)
+
+# The GPU window rehearsed here, no GPU or torch needed: a fresh Python 3.12 venv with the GPU image's
+# packages, the bundle installed by the README's line (--no-index), --dry-run and recorded failures
+# through every check. The bundle is rebuilt only when what it is built from changes.
+BUNDLE_STAMP := .gpu-bundle/.built-$(REQ_HASH)
+$(BUNDLE_STAMP):
+	$(MAKE) gpu-bundle
+
+gpu-rehearsal: $(BUNDLE_STAMP)
+	scripts/gpu_checks/rehearsal.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

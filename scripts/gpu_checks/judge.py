@@ -17,6 +17,7 @@ AUTO_HEADROOM = 0.8  # the chosen batch's peak within this share of the budget
 PEAK_TOLERANCE = 0.01
 INTERRUPT_SECONDS = 5.0
 OVERHEAD_GOAL = 1.01
+MIB = 1 << 20
 
 
 def _missing_steps(steps: Iterable[int], expected: Iterable[int]) -> list[int]:
@@ -86,7 +87,7 @@ def memory_series(check: str, series: Mapping[str, Mapping[int, float]], steps: 
     if len(reference_peaks) != steps:
         problems.append(f"{len(reference_peaks)} reference readings for {steps} steps")
     else:
-        for step, (got, want) in enumerate(zip(peaks, reference_peaks), start=1):
+        for step, (got, want) in enumerate(zip(peaks, reference_peaks, strict=True), start=1):
             if got is None:
                 continue
             error = abs(got - want) / max(want, 1.0)
@@ -116,30 +117,42 @@ def nvml(check: str, readings: Mapping[str, Sequence[float]], torch_total: int) 
         problems.append(f"temperature outside 5-110 °C: {min(temp)}-{max(temp)}")
     if total and abs(total[-1] - torch_total) > 0.1 * torch_total:
         problems.append(f"NVML total {total[-1]:.3g} B is not torch's device ({torch_total:.3g} B): wrong GPU?")
-    if used and total and any(u > t for u, t in zip(used, total)):
+    if used and total and any(u > t for u, t in zip(used, total, strict=False)):
         problems.append("used above total")
     summary = ", ".join(f"{tag.split('/')[-1]} {min(vals):.4g}-{max(vals):.4g}"
                         for tag, vals in readings.items() if vals and tag in NVML_TAGS)
     return verdict_of(check, summary or "no readings", problems)
 
 
-def estimates(check: str, rows: Sequence[Mapping[str, Any]]) -> Verdict:
-    """`runner memory` estimate vs measured peak, each row {model, precision, estimate, peak} or {..., error}."""
+def estimates(check: str, rows: Sequence[Mapping[str, Any]], expected: int) -> Verdict:
+    """The estimate's five parts against two real steps, each row {model, precision, estimate, parts, peak
+    (cudnn.benchmark off), peak_benchmark} or {model, precision, error}, the most important first. The
+    estimate is judged against the peak without cuDNN's autotuning workspaces (which it does not model);
+    the workspace is reported apart, so a miss says which of the two it is."""
     problems, parts = [], []
+    table = ["| row | estimate MiB | peak MiB (benchmark off) | error | cuDNN workspace MiB | biggest part |",
+             "|---|---:|---:|---:|---:|---|"]
     worst = 0.0
     for row in rows:
         name = f"{row['model']} {row['precision']}"
         if "peak" not in row:
             problems.append(f"{name}: {row.get('error', 'not measured')}")
+            table.append(f"| {name} | | | | | {row.get('error', 'not measured')} |")
             continue
         error = (row["estimate"] - row["peak"]) / max(row["peak"], 1)
+        workspace = row.get("peak_benchmark", row["peak"]) - row["peak"]
         worst = max(worst, abs(error))
         parts.append(f"{name} {100 * error:+.1f}%")
+        biggest = max(row.get("parts", {}).items(), key=lambda kv: kv[1], default=("?", 0))
+        table.append(f"| {name} | {row['estimate'] / MIB:.1f} | {row['peak'] / MIB:.1f} | {100 * error:+.1f}% "
+                     f"| {workspace / MIB:.1f} | {biggest[0]} {biggest[1] / MIB:.1f} MiB |")
         if abs(error) > ESTIMATE_TOLERANCE:
             problems.append(f"{name} off by {100 * error:+.1f}%")
-    if not rows:
-        problems.append("no rows")
-    return verdict_of(check, ", ".join(parts) or "no rows", problems, worst=worst, rows=list(rows))
+    if len(rows) < expected:
+        problems.append(f"{len(rows)} of {expected} rows measured")
+    result = verdict_of(check, ", ".join(parts) or "no rows", problems, worst=worst, rows=list(rows))
+    result.table = "\n".join(table)
+    return result
 
 
 def auto_batch(check: str, exit_code: int, budget: int, chosen: int | None, max_batch: int,
@@ -183,7 +196,8 @@ def oom(check: str, exit_code: int, error_line: str, files: Sequence[str], summa
         problems.append("torch.cuda._memory_viz could not render the snapshot")
     if last_step != oom_step - 1:
         problems.append(f"last.pt at step {last_step}, expected {oom_step - 1}")
-    summary = f"exit {exit_code}, {len(files)} post-mortem files, snapshot ooms {snapshot_ooms}, last.pt step {last_step}"
+    summary = (f"exit {exit_code}, {len(files)} post-mortem files, snapshot ooms {snapshot_ooms}, "
+               f"last.pt step {last_step}")
     return verdict_of(check, summary, problems)
 
 
@@ -234,7 +248,8 @@ def interrupt(check: str, started: bool, pids: Sequence[int], alive_after: Seque
         return failed(check, "never started", "the run did not reach its first step in time")
     problems = []
     if alive_after:
-        problems.append(f"{len(alive_after)} of {len(pids)} processes alive after {INTERRUPT_SECONDS:g} s: {list(alive_after)}")
+        problems.append(f"{len(alive_after)} of {len(pids)} processes alive after {INTERRUPT_SECONDS:g} s: "
+                        f"{list(alive_after)}")
     if exit_code != 130:  # stopped by SIGINT
         problems.append(f"exit code {exit_code}, expected 130")
     holding = sorted(set(pids) & set(nvml_pids or ()))
@@ -251,27 +266,62 @@ def interrupt(check: str, started: bool, pids: Sequence[int], alive_after: Seque
     return verdict_of(check, summary, problems, seconds=seconds, pids=len(pids))
 
 
-def overhead(check: str, pairs: Sequence[tuple[float, float]], peers: Mapping[str, Sequence[tuple[float, float]]]
-             ) -> Verdict:
-    """Median over paired runs of runner's time / the bare loop's time, against the 1.01× goal;
-    Ignite/Lightning rows (same pairing) reported beside it."""
+def overhead(check: str, pairs: Sequence[tuple[float, float]], error: str = "") -> Verdict:
+    """Median over alternating pairs of runner's steady-state step time / the bare loop's, against the
+    1.01× goal. `pairs` are (bare, runner) seconds per step; `error` the helper's own (a timeout after
+    some pairs still judges the pairs it wrote)."""
     if not pairs:
-        return failed(check, "no runs", "no paired runs completed")
+        return failed(check, "no runs", error or "no paired runs completed")
     ratio = statistics.median(r / b for b, r in pairs)
-    rows = {name: statistics.median(p / b for b, p in runs) for name, runs in peers.items() if runs}
-    extra = "".join(f", {name} {value:.3f}×" for name, value in rows.items())
-    summary = f"runner {ratio:.3f}× the bare loop (median of {len(pairs)} pairs){extra}"
+    bare = statistics.median(b for b, _r in pairs)
+    summary = f"runner {ratio:.3f}× the bare loop (median of {len(pairs)} pairs, bare {1000 * bare:.1f} ms/step)"
     problems = [] if ratio <= OVERHEAD_GOAL else [f"{ratio:.3f}× is above the {OVERHEAD_GOAL}× goal"]
-    return verdict_of(check, summary, problems, ratio=ratio, peers=rows, pairs=list(pairs))
+    if error:
+        problems.append(f"helper: {error}")
+    return verdict_of(check, summary, problems, ratio=ratio, pairs=list(pairs))
 
 
-def timed_out(check: str, seconds: float) -> Verdict:
-    return failed(check, "timed out", f"no result within its {seconds:.0f} s budget")
+def findings(records: Sequence[Mapping[str, Any]], error: str) -> list[str]:
+    """Problems in a healthy run's findings.json: it must exist and hold no warning or error (GPU-only
+    false positives, such as allocator pressure from cuDNN workspaces, show up here)."""
+    if error:
+        return [f"findings: {error}"]
+    return [f"finding {f.get('severity')} {f.get('kind')} at step {f.get('step')}: {str(f.get('message'))[:160]}"
+            for f in records if f.get("severity") in ("warning", "error")]
 
 
-def out_of_time(check: str) -> Verdict:
-    return skipped(check, "the acceptance run's 8-minute deadline left no time for it")
+def nccl_one(check: str, steps_logged: Sequence[int], steps: int, stderr: str) -> Verdict:
+    """ddp --nproc 1 over NCCL with SyncBatchNorm: init_process_group(device_id=), DDP with device_ids,
+    gather_object and barriers at log points, teardown; every log point reached."""
+    problems = []
+    if max(steps_logged, default=0) != steps:
+        problems.append(f"last logged step {max(steps_logged, default=0)} of {steps}")
+    said = [line.strip() for line in stderr.splitlines()
+            if "nccl" in line.lower() and ("error" in line.lower() or "warn" in line.lower())]
+    if said:
+        problems.append(f"NCCL said ({len(said)} lines): {said[0][:160]}")
+    return verdict_of(check, f"1 rank over NCCL, {len(steps_logged)} log points", problems)
 
 
-__all__ = ["auto_batch", "data_parallel", "estimates", "interrupt", "memory_series", "nccl", "nvml", "oom",
-           "oom_retry", "out_of_time", "overhead", "passed", "streams", "syncs", "timed_out"]
+def profile(check: str, files: Sequence[str], categories: Mapping[str, int], snapshot_allocs: int,
+            error: str) -> Verdict:
+    """--profile on CUDA: a Chrome trace with GPU kernels in it and an allocator snapshot with allocations."""
+    problems = [f"profile read-back: {error}"] if error else []
+    if not any(f.startswith("trace") for f in files):
+        problems.append(f"no trace file in profile/ ({list(files)})")
+    kernels = sum(n for cat, n in categories.items() if cat.lower() in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not kernels:
+        problems.append(f"the trace holds no GPU kernels (categories {sorted(categories)[:8]})")
+    if not snapshot_allocs:
+        problems.append("no allocations in the profile's memory snapshot")
+    summary = f"{len(files)} files, {kernels} GPU events, {snapshot_allocs} allocations in the snapshot"
+    return verdict_of(check, summary, problems, kernels=kernels, allocs=snapshot_allocs)
+
+
+def out_of_time(check: str, budget: float, left: float, ident: str) -> Verdict:
+    return skipped(check, f"its {budget:.0f} s budget did not fit the {max(left, 0):.0f} s left: "
+                          f"rerun with --only {ident}")
+
+
+__all__ = ["auto_batch", "data_parallel", "estimates", "findings", "interrupt", "memory_series", "nccl", "nccl_one",
+           "nvml", "oom", "oom_retry", "out_of_time", "overhead", "passed", "profile", "streams", "syncs"]

@@ -124,11 +124,6 @@ def profile(folder: Path) -> Profile:
     return Profile(files, dict(categories), allocs, "; ".join(errors))
 
 
-def visdom_envs(env_path: Path) -> list[str]:
-    """The envs a server saved under its -env_path (one JSON file each)."""
-    return sorted(p.stem for p in env_path.glob("*.json"))
-
-
 def window_types(windows: dict[str, dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(str(w.get("type", "?")) for w in windows.values()))
 
@@ -157,8 +152,9 @@ def post_mortem(folder: Path) -> PostMortem:
         except Exception as exc:  # a dump cut short: the verdict names it instead of crashing
             snapshot = {f"unreadable ({type(exc).__name__})": None}
         keys = sorted(snapshot)
-        ooms = sum(1 for trace in snapshot.get("device_traces") or [] for entry in trace if entry.get("action") == "oom")
-        viewer_ok = bool(ooms) and _renders(snapshot)
+        traces = snapshot.get("device_traces") or []
+        ooms = sum(1 for trace in traces for entry in trace if entry.get("action") == "oom")
+        viewer_ok = _renders(snapshot)
     return PostMortem(files, summary, keys, ooms, viewer_ok)
 
 

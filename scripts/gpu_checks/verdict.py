@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ class Verdict:
     reason: str = ""
     numbers: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    table: str = ""  # markdown rows that explain the numbers (report.md shows it below the summary)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -51,6 +52,15 @@ def verdict_of(check: str, summary: str, problems: list[str], **numbers: Any) ->
     return passed(check, summary, **numbers)
 
 
+def amend(verdict: Verdict, problems: list[str], first: bool = False) -> Verdict:
+    """The verdict with `problems` added to its reason (before the others when `first`): a FAIL unless
+    there are none. A SKIP stays a SKIP only without problems."""
+    if not problems:
+        return verdict
+    reasons = [*problems, verdict.reason] if first else [verdict.reason, *problems]
+    return replace(verdict, status="FAIL", reason="; ".join(r for r in reasons if r))
+
+
 def exit_code(verdicts: list[Verdict]) -> int:
     """1 if any check failed, else 0 (skips do not fail the run)."""
     return 1 if any(v.status == "FAIL" for v in verdicts) else 0
@@ -60,10 +70,17 @@ def markdown(verdicts: list[Verdict], environment: dict[str, Any]) -> str:
     env = ", ".join(f"{k} {v}" for k, v in environment.items())
     rows = ["| check | result | numbers | reason | s |", "|---|---|---|---|---:|"]
     for v in verdicts:
-        rows.append(f"| {v.check} | {v.status} | {v.summary} | {v.reason} | {v.seconds:.0f} |".replace("\n", " "))
+        cells = (_cell(v.check), v.status, _cell(v.summary), _cell(v.reason), f"{v.seconds:.0f}")
+        rows.append("| " + " | ".join(cells) + " |")
     counts = {s: sum(v.status == s for v in verdicts) for s in STATUSES}
     head = f"# GPU acceptance\n\n{env}\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n\n"
-    return head + "\n".join(rows) + "\n"
+    details = "".join(f"\n## {v.check}\n\n{v.table}\n" for v in verdicts if v.table)
+    return head + "\n".join(rows) + "\n" + details
+
+
+def _cell(text: str) -> str:
+    """Table-safe: a run's stderr may hold pipes and newlines."""
+    return text.replace("\n", " ").replace("|", "\\|")
 
 
 def write(out: Path, verdicts: list[Verdict], environment: dict[str, Any]) -> None:
