@@ -1,0 +1,80 @@
+"""Where the time of a step of someone else's loop goes, without their help: hooks that tell the run's
+`StepClock` at which boundary of a step the loop is.
+
+    model forward pre-hook         → forward (through h2d, so that CUDA's event set starts there)
+    first output's gradient hook   → backward (autograd reached the model: the loss's own backward is tiny)
+    end of that backward pass      → other (a callback queued on autograd's engine, after DDP's)
+    optimizer step pre-hook        → optimizer
+    optimizer step post-hook       → other (zero_grad and the loop's own bookkeeping)
+    obs.step()                     → telemetry, then data_wait until the next forward
+
+So data wait is the gap between steps (it includes the loop's own host→device copy, which cannot be
+told apart from outside). Each hook is a clock read and a dict update: no sync, nothing per parameter.
+Forwards without autograd (an evaluation under no_grad) are not a step's and are left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from runner.train.step_clock import StepClock
+
+
+def _first_grad_tensor(output: Any) -> torch.Tensor | None:
+    """The first tensor of a model's output (a tensor, or one level of dict/tuple/list) that needs grad."""
+    if isinstance(output, torch.Tensor):
+        return output if output.requires_grad else None
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
+
+
+class StepTiming:
+    """Forward, backward and optimizer hooks that move `clock` from part to part; `paused` stops them
+    (runner's own forward passes: the graph trace)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clock: StepClock) -> None:
+        self.clock = clock
+        self.paused = False
+        self.handles = [model.register_forward_pre_hook(self._forward),
+                        model.register_forward_hook(self._forward_done),
+                        optimizer.register_step_pre_hook(self._optimizer),
+                        optimizer.register_step_post_hook(self._optimizer_done)]
+
+    def _forward(self, _module: nn.Module, _args: Any) -> None:
+        if self.paused or not torch.is_grad_enabled():
+            return
+        self.clock.enter("h2d")
+        self.clock.enter("forward")
+
+    def _forward_done(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        if self.paused or not torch.is_grad_enabled():
+            return
+        tensor = _first_grad_tensor(output)
+        if tensor is not None:
+            tensor.register_hook(self._backward)
+
+    def _backward(self, _grad: torch.Tensor) -> None:
+        self.clock.enter("backward")
+        torch.autograd.Variable._execution_engine.queue_callback(self._requeue)
+
+    def _requeue(self) -> None:
+        """Queue the end once more: callbacks queued during the pass after ours (DDP's wait for its last
+        all-reduce) then run before it, and their time is the backward's."""
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _backward_done(self) -> None:
+        self.clock.enter("other")
+
+    def _optimizer(self, *_args: Any) -> None:
+        self.clock.enter("optimizer")
+
+    def _optimizer_done(self, *_args: Any) -> None:
+        self.clock.enter("other")
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
