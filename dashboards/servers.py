@@ -214,7 +214,6 @@ def _spawn(kind: str, cmd: list[str], run_dir: str | Path, extra_env: dict[str, 
     output = dashboards_dir(run_dir) / f"{kind}.out"
     output.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **extra_env)
-    env.pop("RUNNER_IN_PROCESS", None)
     with open(output, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, close_fds=True)

@@ -5,24 +5,20 @@ Flow: CLI → config (resolve + validate) → launch (supervisor → trainer or 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 import runner
 from dashboards.commands import app as dashboards_app
 from runner.cli_errors import run_app
 from runner.config import TrainConfig
+from runner.diagnosis.diff_command import diff as diff_command
 from runner.diagnosis.report_command import report as report_command
 from runner.memory.commands import memory as memory_command
 from runner.procs.commands import cleanup as cleanup_command
 from runner.procs.commands import runs as runs_command
 from runner.train_command import make_train_command
-
-app = typer.Typer(
-    name="runner",
-    help="Observability-first PyTorch training: TensorBoard + Visdom, DDP via torchrun, clean processes.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
 
 
 def _version(value: bool) -> None:
@@ -31,7 +27,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _main_options(
     version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Show the version and exit."),
@@ -46,12 +41,27 @@ def _launch(cfg: TrainConfig) -> int:
     return launch(cfg)
 
 
-app.command("train")(make_train_command(_launch))
-app.command("memory")(memory_command)
-app.add_typer(dashboards_app, name="dashboards")
-app.command("cleanup")(cleanup_command)
-app.command("runs")(runs_command)
-app.command("report")(report_command)
+def build_app(train: Callable[[TrainConfig], int]) -> typer.Typer:
+    """The command tree, with `train` running `train` on the resolved config: `_launch` for users, the
+    in-process `runner.train.run.train_here` for the tests (as `python -m runner.train` does)."""
+    app = typer.Typer(
+        name="runner",
+        help="Observability-first PyTorch training: TensorBoard + Visdom, DDP via torchrun, clean processes.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(_main_options)
+    app.command("train")(make_train_command(train))
+    app.command("memory")(memory_command)
+    app.add_typer(dashboards_app, name="dashboards")
+    app.command("cleanup")(cleanup_command)
+    app.command("runs")(runs_command)
+    app.command("report")(report_command)
+    app.command("diff")(diff_command)
+    return app
+
+
+app = build_app(_launch)
 
 
 def main(args: list[str] | None = None) -> None:

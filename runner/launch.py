@@ -1,6 +1,6 @@
-"""From a resolved config to running processes: the trainer in a supervised child process, or
-torchrun for ddp. Inside that child (or a torchrun rank) training runs in-process.
-"""
+"""From a resolved config to running processes: the trainer in a supervised child process
+(`python -m runner.train`), or torchrun for ddp, whose ranks run that same entry point. Training in this
+process is runner/train/run.py's `train_here`, the one action behind all of them."""
 
 from __future__ import annotations
 
@@ -8,30 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from runner import config as config_io
 from runner.config import TrainConfig
 from runner.errors import usage_error
-
-
-def in_process() -> bool:
-    """True in the trainer child and in torchrun ranks (started by torchrun, ours or the user's)."""
-    return os.environ.get("RUNNER_IN_PROCESS") == "1" or "TORCHELASTIC_RUN_ID" in os.environ
-
-
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create `<run_dir>/<name>/`, check it is writable, save the resolved config.toml there."""
-    path = cfg.run_path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise usage_error(f"cannot write to run dir {path} ({exc.strerror}); pass --run-dir to a writable folder") from None
-    config_path = path / "config.toml"
-    if os.environ.get("RANK", "0") == "0":
-        config_io.save(cfg, config_path)
-    return config_path
+from runner.run_dir import prepare_run_dir
 
 
 def torchrun_command(cfg: TrainConfig, config_path: Path) -> list[str]:
@@ -82,11 +61,10 @@ def _check_distribution(cfg: TrainConfig) -> None:
 
 def launch(cfg: TrainConfig) -> int:
     """Run the configured training; returns the exit code of the run."""
-    if in_process():
-        prepare_run_dir(cfg)
-        from runner.train.run import run_training
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # `torchrun ... -m runner train`: this process is one rank already
+        from runner.train.run import train_here
 
-        return run_training(cfg)
+        return train_here(cfg)
     _check_distribution(cfg)
     config_path = prepare_run_dir(cfg)
     if cfg.strategy == "ddp":

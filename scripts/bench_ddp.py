@@ -82,7 +82,6 @@ def main() -> None:
     args = parser.parse_args()
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("RUNNER_IN_PROCESS", None)
     with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
         script = Path(tmp) / "bare_ddp.py"
         script.write_text(BARE)

@@ -1,26 +1,31 @@
-"""Shared fixtures: run the CLI in-process (fast) or as a real subprocess (end to end)."""
+"""Shared fixtures: the CLI in this process (fast), isolated run state, and the marker-folder teardown.
+
+Helpers and models live in tests/support (imported as `tests.support.X`); `gpu` tests are skipped here,
+in one place, when CUDA is absent."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress", "--viz", "none"]
+from tests.support.runs import ROOT, Outcome, child_pythonpath
 
 
-@dataclass
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.gpu` tests need CUDA: without it they are skipped (and reported so)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
 @pytest.fixture(autouse=True)
@@ -29,16 +34,16 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
 
 
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch):
-    """`cli("train", ...)`: the typer app in this process, trainer in-process too (no supervisor)."""
+def in_process_cli() -> Callable[..., Outcome]:
+    """`runner ARGS` in this process, its `train` training right here (no supervisor, no child): the
+    command tree of runner/cli.py around runner/train/run.py's `train_here`, as `python -m runner.train`
+    uses it. Processes a run starts itself (DataLoader workers, dashboards) find `tests.support`."""
     from typer.testing import CliRunner
 
-    from runner.cli import app
+    from runner.cli import build_app
+    from runner.train.run import train_here
 
-    monkeypatch.setenv("RUNNER_IN_PROCESS", "1")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    app = build_app(train_here)
 
     def run(*args: str) -> Outcome:
         result = CliRunner().invoke(app, list(args))
@@ -49,13 +54,11 @@ def cli(monkeypatch: pytest.MonkeyPatch):
     return run
 
 
-def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Outcome:
-    """`python -m runner ARGS` as a real process (supervisor + trainer child)."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), **(env or {}))
-    full_env.pop("RUNNER_IN_PROCESS", None)
-    proc = subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
-    return Outcome(proc.returncode, proc.stdout, proc.stderr)
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Outcome]:
+    """`cli("train", ...)`: see `in_process_cli`."""
+    monkeypatch.setenv("PYTHONPATH", child_pythonpath())
+    return in_process_cli()
 
 
 @pytest.fixture
@@ -64,10 +67,9 @@ def markers(tmp_path: Path) -> Iterator[Path]:
     folder = tmp_path / "markers"
     folder.mkdir(exist_ok=True)
     yield folder
-    from procs_helpers import MARKERS_ENV
-
     from runner.procs import proc_table
-    from tests.proc_runs import tagged
+    from tests.support.proc_runs import tagged
+    from tests.support.procs import MARKERS_ENV
 
     for pid, start in tagged(MARKERS_ENV, str(folder)).items():
         fd = None

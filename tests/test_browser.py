@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_runner
-from tests.visdom_helpers import CHROMIUM_FLAGS, free_port
+from tests.support.runs import run_runner
+from tests.support.visdom_server import CHROMIUM_FLAGS, free_port
 
 VISDOM_ENV = "tinyunet-synthetic_demo"  # <experiment>_<run>: the experiment defaults to <model>-<data>
 VISDOM_TITLES = ("loss", "metric", f"run {VISDOM_ENV}", "model graph", "model layers", "images/samples",
@@ -92,8 +92,8 @@ def test_visdom_env_keeps_layout_order_and_sits_under_its_experiment(tmp_path: P
     server reloads the env from disk; the env selector lists the env under its experiment."""
     from dashboards.visdom import VisdomSink
     from runner.telemetry.events import Scalar
+    from tests.support.visdom_server import VisdomServer
     from tests.test_visdom_layout import SCRAMBLED, _deliver
-    from tests.visdom_helpers import VisdomServer
 
     order = ["loss", "learning rate", "metric", "throughput (samples/s)", "step time breakdown (ms)",
              "process RSS (MiB)", "CPU (%)", "images/samples", "findings", "run exp-a_run1"]
@@ -132,7 +132,7 @@ def test_visdom_page_of_a_long_run_loads(tmp_path: Path, browser) -> None:
     from dashboards.visdom import VisdomSink
     from dashboards.visdom_series import CAP
     from runner.telemetry.events import MemorySample, Scalar
-    from tests.visdom_helpers import VisdomServer
+    from tests.support.visdom_server import VisdomServer
 
     steps, tags = 20_000, ["train/loss"] + [f"norms/grads/layer{i}" for i in range(10)] + \
         [f"time/{p}_ms" for p in ("data_wait", "forward", "backward", "optimizer", "other")]

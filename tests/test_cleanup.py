@@ -17,17 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs_helpers import MARKERS_ENV, marked
 
 from runner.procs import proc_table, registry
 from runner.procs.gpu_memory import gpu_memory_by_pid
 from runner.procs.run_tag import TAG_ENV
-from tests.proc_runs import (
+from tests.support.proc_runs import (
     BLOCKING,
     EXIT,
     ROOT,
     STARTUP,
-    TESTS,
     TINY,
     child_env,
     kill_hard,
@@ -39,6 +37,7 @@ from tests.proc_runs import (
     tagged,
     wait_for,
 )
+from tests.support.procs import MARKERS_ENV, marked
 
 # --- runner cleanup after the worst: supervisor and trainer SIGKILLed -----------------------------
 
@@ -125,7 +124,7 @@ def test_cleanup_ends_ranks_and_workers_after_the_torchrun_agent_is_killed(
 # --- orphans of a plain script (no runner around it): the guard, and the orphan rules ---------------
 
 def start_bare_loader(env: dict[str, str], method: str, guard: bool) -> subprocess.Popen:
-    args = [sys.executable, str(TESTS / "procs_helpers.py"), "--start-method", method] + (["--guard"] if guard else [])
+    args = [sys.executable, "-m", "tests.support.procs", "--start-method", method] + (["--guard"] if guard else [])
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -17,8 +17,8 @@ import pytest
 from dashboards import servers, visdom_assets
 from dashboards.visdom import Message, VisdomConnection, VisdomSink
 from runner.telemetry.events import Scalar
-from tests.conftest import ROOT, run_runner
-from tests.visdom_helpers import by_title, free_port, line
+from tests.support.runs import ROOT, run_runner
+from tests.support.visdom_server import by_title, free_port, line
 
 WHEEL_FILES = ("index.html", "login.html", "js/main.js", "css/style.css", "css/login.css", "css/network.css")
 

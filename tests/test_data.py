@@ -11,7 +11,7 @@ from PIL import Image
 from runner.config import TrainConfig
 from runner.data import EpochSampler, SyntheticDenoise, build_dataset, class_weights
 from runner.errors import RunnerError
-from tests.conftest import TINY
+from tests.support.runs import TINY
 
 
 def _png(path: Path, value: int, size: int = 20) -> None:
@@ -82,7 +82,7 @@ def test_paired_folders_match_by_name(tmp_path: Path) -> None:
     ("imagefolder:/no/such/dir", "data folder not found"),
     ("paired:/no/a,/no/b", "data folder not found"),
     ("mnist:/no/such/root", "pass --download"),
-    ("spine_helpers:nothing", "has no attribute"),
+    ("tests.support.models:nothing", "has no attribute"),
 ])
 def test_missing_data_is_a_usage_error(data: str, fragment: str, tmp_path: Path, cli) -> None:
     out = cli("train", "--model", "mlp", "--data", data, "--steps", "2", "--run-dir", str(tmp_path), *TINY)
@@ -92,7 +92,7 @@ def test_missing_data_is_a_usage_error(data: str, fragment: str, tmp_path: Path,
 
 
 def test_user_dataset_by_import_path(tmp_path: Path, cli) -> None:
-    out = cli("train", "--model", "tinyunet", "--data", "spine_helpers:pairs", "--task", "denoise", "--steps", "3",
+    out = cli("train", "--model", "tinyunet", "--data", "tests.support.models:pairs", "--task", "denoise", "--steps", "3",
               "--run-dir", str(tmp_path), "--name", "u", *TINY)
     assert out.code == 0, out.stderr
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_helpers import DUMP_DIR, KILL_RANK, KILL_STEP, RAISE_STEP
 from torch.utils.data.distributed import DistributedSampler
 
 from runner.config import TrainConfig, default_name, resolve
@@ -26,15 +25,15 @@ from runner.errors import RunnerError
 from runner.launch import _check_distribution, torchrun_command
 from runner.models import build_model
 from runner.train import checkpoint
-from tests.conftest import ROOT, TINY, run_runner
+from tests.support.ddp import DUMP_DIR, KILL_RANK, KILL_STEP, RAISE_STEP
+from tests.support.runs import ROOT, TINY, child_pythonpath, run_runner
 
-TESTS = ROOT / "tests"
 FAST = ["--image-size", "8", "--samples", "32", "--no-progress", "--device", "cpu"]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", **extra)
-    for name in ("RUNNER_IN_PROCESS", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(), **extra)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         env.pop(name, None)
     return env
 
@@ -206,7 +205,7 @@ def test_ddp_equals_one_process_with_the_ranks_batches_together(tmp_path: Path) 
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     ddp = run_runner(*common, "--strategy", "ddp", "--nproc", "2", "--batch-size", "4", "--name", "ddp",
-                     "--model", "ddp_helpers:dumping_mlp", env={DUMP_DIR: str(dumps)})
+                     "--model", "tests.support.ddp:dumping_mlp", env={DUMP_DIR: str(dumps)})
     assert ddp.code == 0, ddp.stderr
     single = run_runner(*common, "--batch-size", "8", "--name", "single", "--model", "mlp")
     assert single.code == 0, single.stderr
@@ -268,7 +267,7 @@ def test_elastic_restart_resumes_and_logs_each_step_once(tmp_path: Path, launche
 
     Through `runner train` (torchrun with a fresh rendezvous store per attempt) and through the user's
     own torchrun (the shared store; the ranks keep attempts apart)."""
-    args = ["--model", "ddp_helpers:dying_mlp", "--image-size", "8", "--batch-size", "4", "--samples", "64",
+    args = ["--model", "tests.support.ddp:dying_mlp", "--image-size", "8", "--batch-size", "4", "--samples", "64",
             "--steps", "20", "--log-every", "5", "--checkpoint-every", "5", "--no-progress",
             "--run-dir", str(tmp_path), "--name", "elastic"]
     kill = {KILL_STEP: "13", KILL_RANK: "1"}
@@ -310,7 +309,7 @@ def test_four_ranks_with_every_stream_on(tmp_path: Path) -> None:
     and rank 0's dashboards show every rank's memory (each step) and step time (each log point)."""
     from visdom import Visdom
 
-    from tests.visdom_helpers import VisdomServer
+    from tests.support.visdom_server import VisdomServer
 
     with VisdomServer(tmp_path / "envs") as server:
         out = run_runner("train", "--strategy", "ddp", "--nproc", "4", "--model", "cnn", "--image-size", "8",
@@ -357,7 +356,7 @@ def test_a_stop_signal_stops_every_rank_after_the_same_step(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_every_rank_loads_the_checkpoint_rank_0_just_saved(tmp_path: Path) -> None:
-    out = _torchrun(str(TESTS / "ddp_helpers.py"), "save_then_load", str(tmp_path))
+    out = _torchrun("-m", "tests.support.ddp", "save_then_load", str(tmp_path))
     assert out.returncode == 0, out.stderr
     results = [json.loads((tmp_path / f"save_then_load.rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results == [{"loads": 20, "concurrent_reads": None, "torn": []},
@@ -366,7 +365,7 @@ def test_every_rank_loads_the_checkpoint_rank_0_just_saved(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_a_failing_ddp_run_destroys_its_process_group(tmp_path: Path) -> None:
-    out = _torchrun(str(TESTS / "ddp_helpers.py"), "teardown", str(tmp_path))
+    out = _torchrun("-m", "tests.support.ddp", "teardown", str(tmp_path))
     assert out.returncode == 0, out.stderr
     for rank in (0, 1):
         result = json.loads((tmp_path / f"teardown.rank{rank}.json").read_text())
@@ -378,7 +377,7 @@ def test_a_failing_ddp_run_destroys_its_process_group(tmp_path: Path) -> None:
 def test_a_failing_rank_takes_the_run_down_with_one_line(tmp_path: Path) -> None:
     """Rank 1 raises in step 3 while rank 0 waits for it in that step's collective: the run ends
     promptly (no torchrun report, no rank left waiting) and its last line says which rank failed and why."""
-    out = run_runner("train", "--strategy", "ddp", "--nproc", "2", "--model", "ddp_helpers:raising_mlp", *FAST,
+    out = run_runner("train", "--strategy", "ddp", "--nproc", "2", "--model", "tests.support.ddp:raising_mlp", *FAST,
                      "--batch-size", "4", "--steps", "20", "--viz", "none", "--run-dir", str(tmp_path),
                      "--name", "fails", env={RAISE_STEP: "3"}, timeout=120)
     assert out.code == 1, out.stderr
@@ -417,7 +416,6 @@ def test_a_rank_ends_after_later_atexit_handlers_without_finalizing(tmp_path: Pa
 # --- CUDA (skipped without a GPU) ------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sync_bn_on_cuda_converts_batchnorm(tmp_path: Path) -> None:
     out = run_runner("train", "--strategy", "ddp", "--nproc", "1", "--sync-bn", "--device", "cuda", "--model", "cnn",
                      "--image-size", "16", "--batch-size", "4", "--samples", "32", "--steps", "4", "--no-progress",
@@ -432,7 +430,6 @@ def test_sync_bn_on_cuda_converts_batchnorm(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dp_on_cuda_checkpoints_without_module_prefix(tmp_path: Path, cli) -> None:
     out = cli("train", "--strategy", "dp", "--device", "cuda", "--model", "cnn", "--batch-size", "8", *FAST[:4],
               "--no-progress", "--viz", "none", "--steps", "3", "--run-dir", str(tmp_path), "--name", "dp")

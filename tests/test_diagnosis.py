@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from report_helpers import report_json
 
 from runner.diagnosis import gradient_rules, rules
+from tests.support.report import report_json
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--no-progress", "--no-graph", "--resume", "never"]
 
@@ -39,7 +39,7 @@ def check_console_and_report(console: str, finding: dict, run_dir: Path, name: s
 
 
 def test_input_bound_from_a_slow_dataset(cli, tmp_path: Path) -> None:
-    findings, console = train(cli, tmp_path, "slow", "--model", "mlp", "--data", "diagnosis_models:slow_data",
+    findings, console = train(cli, tmp_path, "slow", "--model", "mlp", "--data", "tests.support.models:slow_data",
                               "--batch-size", "2", "--steps", "13", "--log-every", "1", "--viz", "none")
     finding = only(findings, "input_bound")
     assert finding["severity"] == "warning" and finding["evidence"]["workers"] == 0
@@ -51,7 +51,7 @@ def test_input_bound_from_a_slow_dataset(cli, tmp_path: Path) -> None:
 
 def test_unreadable_samples_from_a_dataset_with_broken_files(cli, tmp_path: Path) -> None:
     findings, console = train(cli, tmp_path, "broken", "--model", "mlp", "--data",
-                              "diagnosis_models:unreadable_data", "--steps", "8", "--log-every", "2",
+                              "tests.support.models:unreadable_data", "--steps", "8", "--log-every", "2",
                               "--viz", "none")
     finding = only(findings, "unreadable_samples")
     evidence = finding["evidence"]  # every fourth sample is broken: about a quarter of those loaded
@@ -62,7 +62,7 @@ def test_unreadable_samples_from_a_dataset_with_broken_files(cli, tmp_path: Path
 
 
 def test_exploding_gradients_from_a_learning_rate_too_large(cli, tmp_path: Path) -> None:
-    findings, console = train(cli, tmp_path, "lr", "--model", "diagnosis_models:linear_denoiser", "--task",
+    findings, console = train(cli, tmp_path, "lr", "--model", "tests.support.models:linear_denoiser", "--task",
                               "denoise", "--samples", "32", "--optimizer", "sgd", "--lr", "2", "--steps", "16",
                               "--log-every", "2", "--hist-every", "1", "--images-every", "1000",
                               "--on-nan", "skip", "--viz", "tensorboard")
@@ -87,10 +87,10 @@ def tensorboard_texts(run_path: Path, prefix: str) -> str:
 
 def test_memory_growth_from_a_model_that_keeps_its_outputs(tmp_path: Path) -> None:
     """In a process of its own: in the test process, memory freed by earlier runs would absorb the leak."""
-    from conftest import run_runner
+    from tests.support.runs import run_runner
 
     out = run_runner("train", *TINY, "--run-dir", str(tmp_path), "--name", "leak", "--model",
-                     "diagnosis_models:leaky_model", "--data", "diagnosis_models:Shapes", "--steps", "30",
+                     "tests.support.models:leaky_model", "--data", "tests.support.models:Shapes", "--steps", "30",
                      "--log-every", "2", "--viz", "none")
     assert out.code == 0, out.stderr
     findings, console = json.loads((tmp_path / "leak" / "findings.json").read_text()), out.stderr
@@ -101,8 +101,8 @@ def test_memory_growth_from_a_model_that_keeps_its_outputs(tmp_path: Path) -> No
 
 
 def test_first_nonfinite_names_the_module(cli, tmp_path: Path) -> None:
-    out = cli("train", *TINY, "--run-dir", str(tmp_path), "--name", "nan", "--model", "diagnosis_models:nan_at_6",
-              "--data", "diagnosis_models:Shapes", "--steps", "12", "--log-every", "2", "--checkpoint-every", "2",
+    out = cli("train", *TINY, "--run-dir", str(tmp_path), "--name", "nan", "--model", "tests.support.models:nan_at_6",
+              "--data", "tests.support.models:Shapes", "--steps", "12", "--log-every", "2", "--checkpoint-every", "2",
               "--viz", "none")  # --on-nan stop: the failed window is re-run on the last checkpoint's weights
     assert out.code != 0
     findings = json.loads((tmp_path / "nan" / "findings.json").read_text())
@@ -126,11 +126,11 @@ def test_healthy_run_raises_no_warning(cli, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_straggler_rank_under_ddp(tmp_path: Path) -> None:
-    from conftest import run_runner
+    from tests.support.runs import run_runner
 
     out = run_runner("train", *TINY, "--run-dir", str(tmp_path), "--name", "ddp", "--strategy", "ddp",
                      "--nproc", "2", "--device", "cpu", "--model", "mlp", "--data",
-                     "diagnosis_models:slow_rank1_data", "--steps", "16", "--log-every", "2", "--viz", "none")
+                     "tests.support.models:slow_rank1_data", "--steps", "16", "--log-every", "2", "--viz", "none")
     assert out.code == 0, out.stderr
     findings = json.loads((tmp_path / "ddp" / "findings.json").read_text())
     finding = only(findings, "straggler_rank")
@@ -142,7 +142,7 @@ def test_dashboard_trouble_when_visdom_is_unreachable(cli, tmp_path: Path, monke
     """Nothing listens on the Visdom URL: the hub's `telemetry/unreachable_s` grows at each log point.
     The threshold is lowered from 30 s so that the run stays short; the path is the real one."""
     monkeypatch.setattr(rules, "UNREACHABLE_S", 1.0)
-    findings, console = train(cli, tmp_path, "away", "--model", "mlp", "--data", "diagnosis_models:slow_data",
+    findings, console = train(cli, tmp_path, "away", "--model", "mlp", "--data", "tests.support.models:slow_data",
                               "--batch-size", "2", "--steps", "6", "--log-every", "1", "--viz", "visdom",
                               "--visdom-url", "http://127.0.0.1:8399", "--images-every", "1000", "--hist-every", "1000")
     finding = only(findings, "dashboard_trouble")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from diagnosis_models import nan_at_6
 from torch import nn
 from torch.nn import functional as F
 
 from runner.diagnosis.nonfinite import locate_nonfinite, nonfinite_finding
+from tests.support.models import nan_at_6
 
 
 class InfGrad(torch.autograd.Function):

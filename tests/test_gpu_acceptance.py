@@ -15,7 +15,7 @@ import pytest
 
 from scripts.gpu_checks import judge, readback, verdict
 from scripts.gpu_checks.bundle import BUNDLE, LIMIT, SHELL_LINE
-from tests.conftest import ROOT
+from tests.support.runs import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu_acceptance.py"
 GiB = 1 << 30
@@ -190,7 +190,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_readback_and_judging_of_a_real_cpu_run(tmp_path: Path) -> None:
-    from tests.conftest import run_runner
+    from tests.support.runs import run_runner
 
     out = run_runner("train", "--model", "cnn", "--image-size", "16", "--samples", "32", "--batch-size", "4",
                      "--steps", "4", "--log-every", "2", "--images-every", "2", "--hist-every", "2", "--no-progress",
@@ -283,7 +283,7 @@ def test_checks_rehearse_on_cpu(tmp_path: Path) -> None:
     """The GPU checks' runs and readback, on CPU with small images: each verdict is what CPU can give, so
     any failure left is in the checks' code (run, parse, read back), not in the GPU."""
     from scripts.gpu_checks import runs
-    from tests.visdom_helpers import VisdomServer
+    from tests.support.visdom_server import VisdomServer
 
     with VisdomServer(tmp_path / "visdom") as server:
         ctx = runs.Context(work=tmp_path / "work", gpus=0, total_memory=0, visdom_url=server.url, device="cpu",

@@ -17,10 +17,8 @@ import torch
 from runner.memory.report import format_bytes
 from runner.models import build_model
 from runner.train import checkpoint
-from tests.conftest import run_runner
-from tests.memory_helpers import OOM_STEP
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from tests.support.memory import OOM_STEP
+from tests.support.runs import run_runner
 
 
 def test_is_out_of_memory_recognises_library_allocation_failures() -> None:
@@ -146,7 +144,7 @@ def _budget_env(gib: float) -> dict[str, str]:
     return {"PYTORCH_CUDA_ALLOC_CONF": f"per_process_memory_fraction:{gib * 2**30 / total:.6f}"}
 
 
-@gpu
+@pytest.mark.gpu
 def test_measured_peak_is_printed_beside_the_estimate(cli) -> None:
     args = ["memory", "--model", "cnn", "--input-shape", "3,64,64", "--batch-size", "128", "--device", "cuda"]
     out = cli(*args, "--json")
@@ -161,7 +159,7 @@ def test_measured_peak_is_printed_beside_the_estimate(cli) -> None:
     assert "measured peak on cuda" in table.stdout and "%)" in table.stdout
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_real_cuda_oom_writes_summary_and_snapshot(tmp_path: Path) -> None:
     out = run_runner("train", "--model", CUDA_OOM_MODEL, "--image-size", "32", "--batch-size", "8", "--samples", "64",
@@ -181,7 +179,7 @@ def test_real_cuda_oom_writes_summary_and_snapshot(tmp_path: Path) -> None:
     assert checkpoint.load(tmp_path / "big" / "checkpoints" / "last.pt")["step"] == OOM_STEP - 1
 
 
-@gpu
+@pytest.mark.gpu
 def test_auto_batch_on_cuda_survives_out_of_memory_trials(cli, tmp_path: Path) -> None:
     # the trainer runs in this process: cap this process's allocator at 2 GiB for the search
     torch.cuda.set_per_process_memory_fraction(2 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
@@ -197,7 +195,7 @@ def test_auto_batch_on_cuda_survives_out_of_memory_trials(cli, tmp_path: Path) -
     assert int(re.search(r"using (\d+) \(", out.stderr).group(1)) == max(1, largest * 4 // 5)
 
 
-@gpu
+@pytest.mark.gpu
 def test_amp_on_cuda_runs_fp16_under_the_scaler(cli, tmp_path: Path) -> None:
     from runner.config import resolve
     from runner.telemetry.hub import Hub

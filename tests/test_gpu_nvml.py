@@ -131,7 +131,7 @@ def test_without_a_driver_nothing_is_reported(caplog: pytest.LogCaptureFixture) 
     assert any("GPU metrics off: NVML unavailable (NVMLError_LibraryNotFound" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_on_a_gpu_nvml_reads_torchs_device() -> None:
     import pynvml
 

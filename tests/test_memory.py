@@ -19,8 +19,8 @@ from runner.memory.estimate import estimate
 from runner.memory.report import LABELS, format_bytes
 from runner.models import build_model
 from runner.train import checkpoint
-from tests.conftest import ROOT, run_runner
-from tests.memory_helpers import INDEX_LOG, OOM_STEP
+from tests.support.memory import INDEX_LOG, OOM_STEP
+from tests.support.runs import ROOT, run_runner
 
 QUIET = ["--no-progress", "--image-size", "16", "--samples", "32"]
 
@@ -193,7 +193,7 @@ def test_auto_batch_below_one_sample_is_an_error(cli, tmp_path: Path) -> None:
 # --- out of memory ---------------------------------------------------------------------------------
 
 def _oom_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    return ["train", "--model", "memory_helpers:oom_at_step_3", "--batch-size", "4", "--steps", "10",
+    return ["train", "--model", "tests.support.memory:oom_at_step_3", "--batch-size", "4", "--steps", "10",
             "--log-every", "1", "--checkpoint-every", "100", "--run-dir", str(tmp_path), "--name", name,
             *QUIET, *extra]
 
@@ -242,7 +242,7 @@ def test_oom_with_debug_shows_the_traceback(cli, tmp_path: Path) -> None:
 
 
 def test_oom_retry_halves_the_batch_and_finishes(cli, tmp_path: Path) -> None:
-    out = cli("train", "--model", "memory_helpers:oom_above_batch_4", "--batch-size", "16", "--oom", "retry",
+    out = cli("train", "--model", "tests.support.memory:oom_above_batch_4", "--batch-size", "16", "--oom", "retry",
               "--steps", "6", "--log-every", "1", "--run-dir", str(tmp_path), "--name", "retry", *QUIET)
     assert out.code == 0, out.stderr
     assert not (tmp_path / "retry" / "oom").exists()
@@ -260,7 +260,7 @@ def test_oom_retry_mid_epoch_goes_on_from_the_same_sample(cli, tmp_path: Path, m
     batches of 2 from sample 8 of the same order."""
     served = tmp_path / "served.txt"
     monkeypatch.setenv(INDEX_LOG, str(served))
-    out = cli(*_oom_args(tmp_path, "mid", "--oom", "retry", "--steps", "5", "--data", "memory_helpers:indexed_dataset"))
+    out = cli(*_oom_args(tmp_path, "mid", "--oom", "retry", "--steps", "5", "--data", "tests.support.memory:indexed_dataset"))
     assert out.code == 0, out.stderr
     acc = _events(tmp_path / "mid")
     assert _text(acc, "memory_oom") == ["out of memory at step 3 with batch 4: going on with batch 2 (--oom retry)"]
@@ -273,7 +273,7 @@ def test_oom_retry_mid_epoch_goes_on_from_the_same_sample(cli, tmp_path: Path, m
 
 def test_cudnn_allocation_failure_gets_the_post_mortem(cli, tmp_path: Path) -> None:
     """cuDNN reports a failed workspace allocation as a RuntimeError, not torch.OutOfMemoryError."""
-    out = cli("train", "--model", "memory_helpers:cudnn_failure_at_step_3", "--batch-size", "4", "--steps", "10",
+    out = cli("train", "--model", "tests.support.memory:cudnn_failure_at_step_3", "--batch-size", "4", "--steps", "10",
               "--log-every", "1", "--checkpoint-every", "100", "--viz", "none", "--run-dir", str(tmp_path),
               "--name", "cudnn", *QUIET)
     assert out.code == 1

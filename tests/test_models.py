@@ -33,18 +33,16 @@ def test_unets_keep_the_image_shape_and_widths(name: str, widths: tuple[int, ...
 
 
 def test_user_factory_by_import_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend("tests")
-    model = build_model("spine_helpers:nan_model", 1, 4, 10)
+    model = build_model("tests.support.models:nan_model", 1, 4, 10)
     assert _count(model) == 16 * 10 + 10
 
 
 @pytest.mark.parametrize("path, fragment", [
     ("no_such_module:f", "cannot import model module"),
-    ("spine_helpers:missing", "has no attribute 'missing'"),
-    ("spine_helpers:not_a_model", "not a torch.nn.Module"),
+    ("tests.support.models:missing", "has no attribute 'missing'"),
+    ("tests.support.models:not_a_model", "not a torch.nn.Module"),
 ])
 def test_bad_user_models_are_clear(path: str, fragment: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend("tests")
     with pytest.raises(RunnerError, match=fragment) as err:
         build_model(path, 1, 4, 10)
     assert err.value.code == 2

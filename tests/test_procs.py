@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from procs_helpers import MARKERS_ENV, SLOW_STEP_ENV, marked
 
 from runner.procs import proc_table
 from runner.procs.run_tag import TAG_ENV
-from tests.proc_runs import (
+from tests.support.proc_runs import (
     BLOCKING,
     EXIT,
     STARTUP,
@@ -36,6 +35,7 @@ from tests.proc_runs import (
     wait_for,
     wait_trained,
 )
+from tests.support.procs import MARKERS_ENV, SLOW_STEP_ENV, marked
 
 # --- graceful stop ------------------------------------------------------------------------------
 
@@ -100,7 +100,7 @@ def test_second_ctrl_c_kills_the_run_at_once(tmp_path: Path, markers: Path) -> N
     from runner.train import checkpoint
 
     env = child_env(tmp_path, **{SLOW_STEP_ENV: "3"})
-    sup = start_run(tmp_path, env, *TINY, "--model", "procs_helpers:slow_step_model",
+    sup = start_run(tmp_path, env, *TINY, "--model", "tests.support.procs:slow_step_model",
                     "--samples", "64", "--no-graph", "--checkpoint-every", "1", "--workers", "2", "--name", "slow")
     wait_for(lambda: marked(markers, "slow"), STARTUP, "the slow step", sup)
     run = only_run()
@@ -122,7 +122,7 @@ def test_one_ctrl_c_ends_a_ddp_run_whose_rank_is_blocked_in_data_loading(tmp_pat
     """Rank 1's `__getitem__` blocks for good, so the ranks can never agree on a step to stop after:
     one SIGINT to the supervisor ends every process of the run (exit 130), no second Ctrl+C needed."""
     env = child_env(tmp_path, RUNNER_TEST_BLOCK_AFTER="12")
-    sup = start_run(tmp_path, env, *TINY, "--model", "mlp", "--data", "ddp_helpers:rank_blocking_dataset",
+    sup = start_run(tmp_path, env, *TINY, "--model", "mlp", "--data", "tests.support.ddp:rank_blocking_dataset",
                     "--strategy", "ddp", "--nproc", "2", "--name", "blocked")
     wait_for(lambda: marked(markers, "blocked"), STARTUP, "rank 1 to block in __getitem__", sup)
     time.sleep(0.5)  # rank 0 goes on into the step's collective, where it waits for rank 1

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT
-from report_helpers import report_json, run_report
+from tests.support.report import report_json, run_report
+from tests.support.runs import ROOT, child_pythonpath
 
 TINY = ["--image-size", "16", "--no-progress", "--no-graph", "--resume", "never", "--model", "mlp"]
 
@@ -79,9 +79,8 @@ def summary_at_step(path: Path) -> dict | None:
 def test_live_then_sigkilled_run(tmp_path: Path) -> None:
     """A real `runner train` (supervisor + trainer): live while it trains; after SIGKILL of the trainer,
     'killed', with the signal from the supervisor's record in the registry."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-    env.pop("RUNNER_IN_PROCESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "train", *TINY, "--data", "diagnosis_models:slow_data",
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "train", *TINY, "--data", "tests.support.models:slow_data",
                              "--batch-size", "2", "--steps", "500", "--log-every", "1", "--viz", "none",
                              "--run-dir", str(tmp_path), "--name", "live"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

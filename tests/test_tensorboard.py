@@ -29,7 +29,7 @@ from dashboards.tensorboard import TensorBoardSink
 from runner.models import build_model
 from runner.probes.tensor_stats import parameter_stats
 from runner.telemetry.events import HParams, ImageGrid, MemorySample, Scalar
-from tests.conftest import ROOT, run_runner
+from tests.support.runs import ROOT, child_pythonpath, run_runner
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress", "--resume", "never",
         "--viz", "tensorboard"]
@@ -141,7 +141,7 @@ def test_config_status_hparams_and_layout_in_one_folder(unet_run: tuple[Path, Ev
 
 
 def test_dict_output_model_gets_a_graph(cli, tmp_path: Path) -> None:
-    _, events, _ = train(cli, tmp_path, "dict", "--model", "user_models:dict_denoiser", "--task", "denoise",
+    _, events, _ = train(cli, tmp_path, "dict", "--model", "tests.support.models:dict_denoiser", "--task", "denoise",
                          "--steps", "2")
     assert events.Tags()["graph"]
     assert "aten::cat" in [node.op for node in events.Graph().node]
@@ -158,7 +158,7 @@ def test_data_parallel_model_gets_a_graph(cli, tmp_path: Path) -> None:
 
 
 def test_untraceable_model_gets_the_warning_and_the_layer_table(cli, tmp_path: Path) -> None:
-    _, events, stderr = train(cli, tmp_path, "untraceable", "--model", "user_models:untraceable",
+    _, events, stderr = train(cli, tmp_path, "untraceable", "--model", "tests.support.models:untraceable",
                               "--task", "denoise", "--steps", "2")
     assert "tracing failed" in stderr
     assert not events.Tags()["graph"]
@@ -271,8 +271,7 @@ def test_hparams_open_the_session_at_the_start_and_close_it_with_the_status(tmp_
 def test_a_run_killed_mid_run_is_in_the_hparams_table(tmp_path: Path) -> None:
     """`runner train`, its trainer SIGKILLed after a few steps: experiment and session start are on disk
     (the session never ended), and the scalars its metric column reads are there too."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}")
-    env.pop("RUNNER_IN_PROCESS", None)
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
     run = tmp_path / "runs" / "killed"
     with open(tmp_path / "run.log", "wb") as log:
         sup = subprocess.Popen([sys.executable, "-m", "runner", "train", "--model", "mlp", "--image-size", "8",

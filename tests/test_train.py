@@ -17,7 +17,7 @@ from runner.errors import RunnerError
 from runner.telemetry.events import Event, Finding, Histogram, HParams, Scalar, Sink
 from runner.telemetry.hub import Hub
 from runner.train import checkpoint
-from tests.conftest import ROOT, TINY, run_runner
+from tests.support.runs import TINY, run_runner
 
 
 def _state(run: Path) -> dict:
@@ -52,7 +52,7 @@ def test_resume_continues_exactly(tmp_path: Path, cli) -> None:
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, cli) -> None:
-    out = cli("train", "--model", "spine_helpers:nan_model", "--steps", "20", "--log-every", "2",
+    out = cli("train", "--model", "tests.support.models:nan_model", "--steps", "20", "--log-every", "2",
               "--checkpoint-every", "5", "--run-dir", str(tmp_path), "--name", "n", *TINY)
     assert out.code == 1
     assert "NaN" in out.stderr and "--on-nan skip" in out.stderr and "Traceback" not in out.stderr
@@ -62,7 +62,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, cli) 
 
 
 def test_nan_skip_skips_the_step(tmp_path: Path, cli) -> None:
-    out = cli("train", "--model", "spine_helpers:nan_once_model", "--steps", "8", "--on-nan", "skip",
+    out = cli("train", "--model", "tests.support.models:nan_once_model", "--steps", "8", "--on-nan", "skip",
               "--run-dir", str(tmp_path), "--name", "s", *TINY)
     assert out.code == 0, out.stderr
     assert "step skipped" in out.stderr
@@ -75,7 +75,7 @@ def test_nan_skip_gives_up_when_every_batch_fails(tmp_path: Path, cli) -> None:
     """Skipping leaves the weights as they were: when every batch fails, the run stops instead of looping."""
     from runner.train.loop import MAX_NONFINITE_IN_A_ROW
 
-    out = cli("train", "--model", "spine_helpers:nan_model", "--steps", "200", "--on-nan", "skip",
+    out = cli("train", "--model", "tests.support.models:nan_model", "--steps", "200", "--on-nan", "skip",
               "--run-dir", str(tmp_path), "--name", "g", *TINY)
     assert out.code == 1
     assert f"loss NaN/inf on {MAX_NONFINITE_IN_A_ROW} batches in a row at step 7" in out.stderr
@@ -155,7 +155,6 @@ def _trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: objec
     from runner.train.loop import Trainer
     from runner.train.strategy import make_strategy
 
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
     values = dict(image_size=8, batch_size=4, samples=32, device="cpu", graph=False, run_dir=str(tmp_path),
                   name="run", resume="never", progress=False, checkpoint_every=100)
     values.update(overrides)
@@ -201,7 +200,7 @@ def test_a_gradscaler_skipped_update_is_counted_and_not_plotted(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """GradScaler on CPU, as --amp gives on CUDA: step 3's gradients are inf, so its update is skipped
     (the scale halves); the loop counts it without a per-step sync and plots no inf histogram."""
-    trainer = _trainer(tmp_path, monkeypatch, model="train_helpers:inf_gradient", steps=6, log_every=2, hist_every=1)
+    trainer = _trainer(tmp_path, monkeypatch, model="tests.support.models:inf_gradient", steps=6, log_every=2, hist_every=1)
     trainer.scaler = torch.amp.GradScaler("cpu")
     recorder = Recorder()
     assert _fit(trainer, recorder) == 0
@@ -231,7 +230,7 @@ def test_hparams_open_at_the_start_and_close_with_the_status(tmp_path: Path,
 @pytest.mark.parametrize("on_nan", ["skip", "stop"])
 def test_the_first_nonfinite_value_is_located(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_nan: str) -> None:
     """skip: the failing step is re-run as it was; stop: the window's last batch on the last checkpoint."""
-    model = "train_helpers:nan_in_the_middle" if on_nan == "skip" else "train_helpers:nan_in_the_middle_from_5"
+    model = "tests.support.models:nan_in_the_middle" if on_nan == "skip" else "tests.support.models:nan_in_the_middle_from_5"
     trainer = _trainer(tmp_path, monkeypatch, model=model, steps=8, log_every=2, checkpoint_every=4, on_nan=on_nan)
     recorder = Recorder()
     if on_nan == "skip":
@@ -309,7 +308,7 @@ def test_cuda_step_times_come_from_completed_events_only(monkeypatch: pytest.Mon
     assert ms["other"] == pytest.approx(max(0.0, ms["step"] - sum(ms[p] for p in PARTS if p != "other")))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_no_host_device_sync_between_log_points_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """AMP with GradScaler, histograms and image grids off the log points: from step 2 on, any sync
     outside a log point or a checkpoint raises (torch's sync debug mode)."""

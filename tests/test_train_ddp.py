@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from runner.train import checkpoint
-from tests.conftest import run_runner
+from tests.support.runs import run_runner
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_keeps_step_with_the_others(tmp_p
     to make up its steps, out of step with the others' data)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = run_runner("train", "--strategy", "ddp", "--nproc", "2", "--data", "train_helpers:half_unreadable",
+    out = run_runner("train", "--strategy", "ddp", "--nproc", "2", "--data", "tests.support.models:half_unreadable",
                      "--model", "mlp", "--image-size", "8", "--channels", "1", "--batch-size", "1", "--epochs", "1",
                      "--log-every", "4", "--no-progress", "--device", "cpu", "--viz", "tensorboard",
                      "--run-dir", str(tmp_path), "--name", "half", timeout=240)

@@ -16,8 +16,8 @@ from dashboards import servers
 from dashboards.graph_svg import graph_svg
 from dashboards.visdom import Message, VisdomConnection, VisdomSink, normalize_url, read_log
 from runner.telemetry.events import MemorySample, Scalar
-from tests.conftest import ROOT, run_runner
-from tests.visdom_helpers import HungServer, VisdomServer, by_title, free_port, line, logged
+from tests.support.runs import ROOT, child_pythonpath, run_runner
+from tests.support.visdom_server import HungServer, VisdomServer, by_title, free_port, line, logged
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress"]
 
@@ -46,7 +46,7 @@ def test_train_fills_the_runs_env(tmp_path: Path) -> None:
         assert title in windows, sorted(windows)
     assert line(windows["loss"])["loss"][0] == [2, 4, 6]
     assert line(windows["metric"])["psnr"][0] == [2, 4, 6]
-    assert line(windows["step time and data wait (ms)"]).keys() >= {"step_time", "data_wait"}
+    assert line(windows["step time (ms)"]).keys() >= {"step"}
     steps, rss = line(windows["process RSS (MiB)"])["rss"]
     assert steps == [1, 2, 3, 4, 5, 6] and min(rss) > 10  # MiB
     assert windows["images/samples"]["type"] == "image"
@@ -203,7 +203,7 @@ def _logged_points(log: Path, win: str, series: str) -> int:
 
 
 def _step_times(log: Path) -> list[float]:
-    return [v for v in logged(log, "step_time_and_data_wait", "step_time")[1] if v is not None]
+    return [v for v in logged(log, "step_time", "step")[1] if v is not None]
 
 
 @pytest.mark.slow
@@ -212,7 +212,7 @@ def test_hung_server_does_not_stall_training(tmp_path: Path) -> None:
     waited for the server (a send on the training thread would hold that step for the link's read timeout)."""
     from dashboards.visdom_link import READ_TIMEOUT
 
-    args = ["--model", "visdom_helpers:slow_model", "--steps", "25", "--log-every", "1", "--checkpoint-every", "100"]
+    args = ["--model", "tests.support.visdom_server:slow_model", "--steps", "25", "--log-every", "1", "--checkpoint-every", "100"]
     with HungServer() as hung:
         code, err = _train(tmp_path, "hung", hung.url, *args)
     assert code == 0, err
@@ -228,12 +228,11 @@ def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
     """(c) The server dies mid-run and comes back on the same port: the env ends with every point of every step."""
     steps = 200
     with VisdomServer(tmp_path / "envs") as server:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-        env.pop("RUNNER_IN_PROCESS", None)
+        env = dict(os.environ, PYTHONPATH=child_pythonpath())
         with open(tmp_path / "stderr.txt", "w") as err_file:
             proc = subprocess.Popen([sys.executable, "-m", "runner", "train", "--run-dir", str(tmp_path), "--name",
                                      "killed", "--experiment", "t", "--viz", "visdom", "--visdom-url", server.url,
-                                     *TINY, "--model", "visdom_helpers:slow_model", "--steps", str(steps),
+                                     *TINY, "--model", "tests.support.visdom_server:slow_model", "--steps", str(steps),
                                      "--log-every", "1", "--checkpoint-every", "1000"], cwd=ROOT, env=env,
                                     stderr=err_file, stdout=subprocess.DEVNULL)
             log = tmp_path / "killed" / "visdom.log"
@@ -254,7 +253,7 @@ def test_server_killed_mid_run_ends_complete(tmp_path: Path) -> None:
     assert err.count("is unreachable") == 1 and err.count("is back") == 1 and "Traceback" not in err, err
     assert line(windows["loss"])["loss"][0] == list(range(1, steps + 1))
     assert line(windows["process RSS (MiB)"])["rss"][0] == list(range(1, steps + 1))
-    assert line(windows["step time and data wait (ms)"])["step_time"][0] == list(range(1, steps + 1))
+    assert line(windows["step time (ms)"])["step"][0] == list(range(1, steps + 1))
 
 
 @pytest.mark.slow

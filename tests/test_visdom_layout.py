@@ -11,7 +11,7 @@ import numpy as np
 from dashboards.visdom import VisdomSink, env_name
 from runner.config import TrainConfig
 from runner.telemetry.events import Finding, ImageGrid, MemorySample, Scalar, Text
-from tests.visdom_helpers import VisdomServer, by_title, line
+from tests.support.visdom_server import VisdomServer, by_title, line
 
 # Events in the reverse of the layout's order, and the titles the env must show, in order.
 SCRAMBLED = [
@@ -46,7 +46,7 @@ def test_env_names_group_by_experiment() -> None:
     default = TrainConfig(model="tinyunet", data="synthetic", name="tinyunet-synthetic-20261203-101010")
     assert env_name(default) == "tinyunet-synthetic_20261203-101010"
     assert env_name(TrainConfig(model="tinyunet", name="demo")) == "tinyunet-synthetic_demo"
-    assert env_name(TrainConfig(model="user_models:my_net", name="a_b")) == "my-net-synthetic_a_b"
+    assert env_name(TrainConfig(model="tests.support.models:my_net", name="a_b")) == "my-net-synthetic_a_b"
     assert env_name(TrainConfig(experiment="ablation", name="lr-3")) == "ablation_lr-3"
 
 

@@ -13,7 +13,7 @@ from dashboards.visdom import VisdomSink, read_log, replay
 from dashboards.visdom_panes import LinePane
 from dashboards.visdom_series import CAP, EXACT, KEEP, PANE_POINTS, decimate, trace_cap
 from runner.telemetry.events import Scalar
-from tests.visdom_helpers import HungServer, VisdomServer, by_title, line, logged
+from tests.support.visdom_server import HungServer, VisdomServer, by_title, line, logged
 
 STEPS = 12_000
 

@@ -177,7 +177,7 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
     except OSError as exc:
         print(f"runner: warning: run registry {registry.state_dir()} not writable ({exc}); "
               "`runner cleanup` will go by process tags only", file=sys.stderr)
-    env = dict(os.environ, RUNNER_IN_PROCESS="1", RUNNER_RUN_NAME=cfg.name)
+    env = dict(os.environ, RUNNER_RUN_NAME=cfg.name)
     env[TAG_ENV], env[ROOT_ENV] = run_id, format_root(root)
     notes_dir = Path(tempfile.mkdtemp(prefix="runner-notes-")) if cfg.strategy == "ddp" else None
     if notes_dir is not None:

@@ -14,22 +14,12 @@ import sys
 import typer
 
 from runner.cli_errors import run_app
-from runner.config import TrainConfig
 from runner.procs.rank_exit import exit_code_noted
+from runner.train.run import train_here
 from runner.train_command import make_train_command
 
-
-def _train_here(cfg: TrainConfig) -> int:
-    """Prepare the run folder, then train in this process (one rank under torchrun)."""
-    from runner.launch import prepare_run_dir
-    from runner.train.run import run_training
-
-    prepare_run_dir(cfg)
-    return run_training(cfg)
-
-
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command()(make_train_command(_train_here, environment=False))
+app.command()(make_train_command(train_here, environment=False))
 
 if __name__ == "__main__":
     with exit_code_noted():  # a rank ends without interpreter finalization (see runner/procs/rank_exit.py)

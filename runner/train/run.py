@@ -5,12 +5,21 @@ from __future__ import annotations
 import logging
 
 from runner.config import TrainConfig
+from runner.diagnosis import provenance
 from runner.procs.run_tag import join_run
 from runner.procs.signals import GracefulStop
+from runner.run_dir import prepare_run_dir
 from runner.telemetry.events import Text
 from runner.telemetry.hub import Hub
 
 log = logging.getLogger("runner")
+
+
+def train_here(cfg: TrainConfig) -> int:
+    """Prepare the run folder, then train in this process: the supervisor's child, each torchrun rank
+    (`python -m runner.train`) and the tests' in-process `cli` all come through here."""
+    prepare_run_dir(cfg)
+    return run_training(cfg)
 
 
 def run_training(cfg: TrainConfig) -> int:
@@ -24,6 +33,8 @@ def run_training(cfg: TrainConfig) -> int:
     strategy = make_strategy(cfg)
     if not strategy.is_writer:
         log.setLevel(logging.WARNING)  # rank 0 says what every rank would; warnings still come from all
+    else:
+        provenance.write(cfg.run_path, cfg.to_dict(), strategy.world_size)  # env.json, once, before the first step
     hub = Hub([])
     trainer = None
     try:

@@ -1,8 +1,8 @@
 """Import-path models and datasets for the DDP tests, and rank programs run under real torchrun.
 
-Models (`--model ddp_helpers:NAME`): the tutorial MLP, plus a side effect the test reads (a dump, a
-SIGKILL, an exception). Datasets (`--data ddp_helpers:NAME`): one whose loading blocks on one rank.
-Rank programs: `python -m torch.distributed.run ... tests/ddp_helpers.py PROGRAM OUT_DIR`.
+Models (`--model tests.support.ddp:NAME`): the tutorial MLP, plus a side effect the test reads (a dump, a
+SIGKILL, an exception). Datasets (`--data tests.support.ddp:NAME`): one whose loading blocks on one rank.
+Rank programs: `python -m torch.distributed.run ... -m tests.support.ddp PROGRAM OUT_DIR`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from procs_helpers import FOREVER, mark
 from torch import nn
 from torch.utils.data import Dataset
 
 from runner.models import MLP
+from tests.support.procs import FOREVER, mark
 
 DUMP_DIR = "RUNNER_TEST_DUMP_DIR"  # dumping_mlp: where each rank saves its final parameters
 KILL_STEP = "RUNNER_TEST_KILL_STEP"  # dying_mlp: the training step during which rank KILL_RANK dies
@@ -83,7 +83,7 @@ def raising_mlp(channels: int, image_size: int, num_classes: int) -> nn.Module:
 
 class RankBlockingDataset(Dataset):
     """Synthetic images; on rank BLOCK_RANK, after BLOCK_AFTER samples, `__getitem__` blocks for good
-    (a hung network read), leaving a `blocked-<pid>` marker (procs_helpers.mark) first."""
+    (a hung network read), leaving a `blocked-<pid>` marker (tests.support.procs.mark) first."""
 
     def __init__(self, size: int, channels: int) -> None:
         self.size, self.channels = size, channels
@@ -194,7 +194,7 @@ def teardown(out: Path) -> dict[str, object]:
     from runner.train.run import run_training
 
     try:
-        run_training(_config(out, model="spine_helpers:nan_model", steps=10, log_every=2))
+        run_training(_config(out, model="tests.support.models:nan_model", steps=10, log_every=2))
         error = ""
     except RunnerError as exc:
         error = str(exc)

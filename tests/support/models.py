@@ -1,4 +1,7 @@
-"""Import-path models and datasets that provoke each finding in a real run (the diagnosis tests)."""
+"""The tests' models and datasets, loaded by import path (`--model tests.support.models:NAME`, `--data ...`).
+
+Each provokes one behaviour in a real run: a finding, a non-finite loss or gradient, an unreadable sample,
+an output the graph trace refuses."""
 
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ class Poison(nn.Module):
         return x * float("nan") if self.calls >= self.at else x
 
 
-class Encoder(nn.Module):
+class PoisonedEncoder(nn.Module):
     def __init__(self, in_features: int, at: int) -> None:
         super().__init__()
         self.block1 = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU())
@@ -91,7 +94,7 @@ class NanClassifier(nn.Module):
 
     def __init__(self, in_features: int, at: int = 6) -> None:
         super().__init__()
-        self.encoder = Encoder(in_features, at)
+        self.encoder = PoisonedEncoder(in_features, at)
         self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,3 +130,167 @@ def linear_denoiser(channels: int) -> nn.Module:
     """One 3×3 convolution, no normalisation: with too large a learning rate its MSE diverges geometrically
     (the error, and with it every gradient, grows by a constant factor per step)."""
     return nn.Conv2d(channels, channels, 3, padding=1)
+
+
+# --- the spine: NaN losses, a user dataset ---------------------------------------------------------
+
+class NanAfter(nn.Module):
+    """A linear classifier whose output turns NaN from training forward call `at` on (1-based)."""
+
+    def __init__(self, in_features: int, at: int = 7) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 10)
+        self.calls, self.at = 0, at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training  # the graph trace (eval mode) does not count
+        out = self.fc(x.flatten(1))
+        return out * float("nan") if self.calls >= self.at else out
+
+
+def nan_model(channels: int, image_size: int) -> nn.Module:
+    return NanAfter(channels * image_size * image_size)
+
+
+def nan_once_model(channels: int, image_size: int) -> nn.Module:
+    """NaN on forward call 5 only: --on-nan skip must skip that step and go on."""
+
+    class Once(NanAfter):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += self.training
+            out = self.fc(x.flatten(1))
+            return out * float("nan") if self.calls == 5 else out
+
+    return Once(channels * image_size * image_size)
+
+
+def not_a_model() -> str:
+    return "nope"
+
+
+class Pairs(Dataset):
+    """A user dataset: (noisy, clean) pairs of 1×16×16 images."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(index)
+        clean = torch.rand(1, 16, 16, generator=g)
+        return (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1), clean
+
+
+def pairs() -> Dataset:
+    return Pairs()
+
+
+# --- the trainer: NaN inside a named module, inf gradients, unreadable samples -----------------------
+
+class Faulty(nn.Module):
+    """Passes its input through, but NaN from its training call `at` (1-based) on; with `once`, only on
+    calls `at` and `at + 1` (the failing step and its one re-run with hooks)."""
+
+    def __init__(self, at: int, once: bool) -> None:
+        super().__init__()
+        self.calls, self.at, self.once = 0, at, once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training  # the graph trace (eval mode) does not count
+        failing = self.calls in (self.at, self.at + 1) if self.once else self.calls >= self.at
+        return x * float("nan") if failing else x
+
+
+class FaultyEncoder(nn.Module):
+    def __init__(self, in_features: int, at: int, once: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 16)
+        self.faulty = Faulty(at, once)
+
+
+class NanInTheMiddle(nn.Module):
+    """A classifier whose module `encoder.faulty` turns its (finite) input into NaN at step 5."""
+
+    def __init__(self, in_features: int, at: int = 5, once: bool = True) -> None:
+        super().__init__()
+        self.encoder = FaultyEncoder(in_features, at, once)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.faulty(torch.relu(self.encoder.fc(x.flatten(1)))))
+
+
+def nan_in_the_middle(channels: int, image_size: int) -> nn.Module:
+    """NaN at step 5 only (for --on-nan skip)."""
+    return NanInTheMiddle(channels * image_size * image_size)
+
+
+def nan_in_the_middle_from_5(channels: int, image_size: int) -> nn.Module:
+    """NaN from step 5 on (for --on-nan stop)."""
+    return NanInTheMiddle(channels * image_size * image_size, once=False)
+
+
+class InfGradient(nn.Module):
+    """A linear classifier whose gradient is inf on training call `at` (its loss stays finite): what
+    GradScaler sees when fp16 gradients overflow."""
+
+    def __init__(self, in_features: int, at: int = 3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 10)
+        self.calls, self.at = 0, at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training
+        out = self.fc(x.flatten(1))
+        if self.training and self.calls == self.at:
+            out.register_hook(lambda grad: grad * float("inf"))
+        return out
+
+
+def inf_gradient(channels: int, image_size: int) -> nn.Module:
+    return InfGradient(channels * image_size * image_size)
+
+
+class HalfUnreadable(Dataset):
+    """Labelled 1×8×8 images; every odd index is unreadable (raises OSError, like a corrupt file)."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index % 2:
+            raise OSError(f"sample {index}: truncated file")
+        return torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(index)), index % 10
+
+
+def half_unreadable() -> Dataset:
+    return HalfUnreadable()
+
+
+# --- TensorBoard: dict outputs, an untraceable model ------------------------------------------------
+
+class DictDenoiser(nn.Module):
+    """A small denoiser returning a dict: `out` (the prediction, as the tasks expect) and `features`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU())
+        self.decode = nn.Conv2d(8 + channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.encode(x)
+        return {"out": x + self.decode(torch.cat([features, x], dim=1)), "features": features}
+
+
+class Untraceable(DictDenoiser):
+    """Trains like DictDenoiser, but its output holds a string: torch.jit.trace refuses it."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:  # type: ignore[override]
+        return {"out": super().forward(x)["out"], "note": "denoised"}
+
+
+def dict_denoiser(channels: int) -> nn.Module:
+    return DictDenoiser(channels)
+
+
+def untraceable(channels: int) -> nn.Module:
+    return Untraceable(channels)

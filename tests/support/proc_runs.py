@@ -11,15 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from procs_helpers import MARKERS_ENV, marked
-
 from runner.procs import proc_table, registry
+from tests.support.procs import MARKERS_ENV, marked
+from tests.support.runs import ROOT, child_pythonpath
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
 TINY = ["--image-size", "8", "--batch-size", "4", "--steps", "1000", "--viz", "none",
         "--no-progress", "--resume", "never", "--device", "cpu"]
-BLOCKING = ["--model", "mlp", "--data", "procs_helpers:blocking_dataset"]
+BLOCKING = ["--model", "mlp", "--data", "tests.support.procs:blocking_dataset"]
 STARTUP = 90.0  # seconds a run may take to reach its blocked state on a loaded 2-core machine
 EXIT = 10.0  # bound on a stop; measured ~2-3 s here. torch's own worker shutdown would take 20 s+
 
@@ -28,8 +26,8 @@ def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of the processes a test starts (its registry, its markers, no inherited tag)."""
     markers = tmp_path / "markers"
     markers.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", **{MARKERS_ENV: str(markers)})
-    for name in ("RUNNER_IN_PROCESS", "RUNNER_RUN_ID", "RUNNER_RUN_ROOT", "RUNNER_WORKER_GUARD"):
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(), **{MARKERS_ENV: str(markers)})
+    for name in ("RUNNER_RUN_ID", "RUNNER_RUN_ROOT", "RUNNER_WORKER_GUARD"):
         env.pop(name, None)
     env.update(extra)
     return env

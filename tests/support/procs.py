@@ -1,8 +1,8 @@
 """Helpers for tests/test_procs.py and tests/test_cleanup.py: a dataset that blocks in __getitem__, a model
 with a slow step, and a bare DataLoader script (no runner around it) to make orphans with.
 
-Imported by import path (`procs_helpers:blocking_dataset`) from runs the tests start with this folder on
-PYTHONPATH. Blocked processes leave a file `<kind>-<pid>` in $PROCS_TEST_MARKERS so a test knows when
+Imported by import path (`tests.support.procs:blocking_dataset`) from runs the tests start with the
+repository root on PYTHONPATH; the bare script runs as `python -m tests.support.procs`. Blocked processes leave a file `<kind>-<pid>` in $PROCS_TEST_MARKERS so a test knows when
 to strike.
 """
 

@@ -1,0 +1,32 @@
+"""Running `runner` from a test: as a real process (supervisor + trainer child), and what it returned."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress", "--viz", "none"]
+
+
+@dataclass
+class Outcome:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def child_pythonpath() -> str:
+    """PYTHONPATH for a process a test starts: the repository root, so `tests.support.models:NAME` imports."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Outcome:
+    """`python -m runner ARGS` as a real process (supervisor + trainer child)."""
+    full_env = dict(os.environ, PYTHONPATH=child_pythonpath(), **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+    return Outcome(proc.returncode, proc.stdout, proc.stderr)
