@@ -21,9 +21,13 @@ KEEP = 512  # points kept per series: the rules look at recent windows, never at
 # Tags the rules read; everything else (weights, per-layer weight norms, metrics) passes by.
 WATCHED = re.compile("^(" + "|".join(re.escape(prefix) for prefix in (tags.TIME, tags.TELEMETRY, tags.NORMS_GRADS,
                                                                         tags.ESTIMATE)) + "|"
-                     + "|".join(re.escape(tag) for tag in (tags.SKIPPED, tags.GRAD_NORM, tags.LOSS)) + "$)")
+                     + "|".join(re.escape(tag) for tag in (tags.SKIPPED, tags.GRAD_NORM, tags.LOSS, tags.LOSS_MAX,
+                                                            tags.LOSS_MAX_STEP, tags.LOSS_MIN, tags.INPUT_PSNR,
+                                                            tags.GRAD_GLOBAL, tags.GRAD_GLOBAL_MAX,
+                                                            tags.GRAD_LAYER_MAX, tags.train("accuracy"),
+                                                            tags.train("psnr"))) + "$)")
 START_TEXT = re.compile(r" on (?P<device>\S+), (?P<strategy>\w+) x(?P<world>\d+), batch (?P<batch>\d+), "
-                        r"steps (?P<first>\d+)→(?P<total>\d+)")
+                        r"steps (?P<first>\d+)→(?P<total>\d+)(, (?P<classes>\d+) classes)?")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Facts:
     batch: int = 0
     total_steps: int = 0
     cuda: bool = False
+    classes: int = 0  # classify: the number of classes (the start text's, else the config's)
 
     @property
     def workers(self) -> int:
@@ -64,6 +69,7 @@ class History:
         self.memory: deque[tuple[int, dict[str, float]]] = deque(maxlen=KEEP)
         self.memory_baseline: tuple[int, dict[str, float]] | None = None
         self.unreadable: list[str] = []  # file names the trainer reported as unreadable (first few)
+        self.grad_layers: deque[tuple[int, str]] = deque(maxlen=KEEP)  # (step, the largest gradient's parameter)
 
     def add(self, event: Event) -> None:
         if isinstance(event, Scalar):
@@ -86,10 +92,15 @@ class History:
             self.facts.config = parsed.get("train", parsed)
             batch = self.facts.config.get("batch_size")
             self.facts.batch = batch if isinstance(batch, int) else self.facts.batch
+            classes = self.facts.config.get("num_classes")
+            self.facts.classes = self.facts.classes or (classes if isinstance(classes, int) else 0)
         elif event.tag == tags.STATUS and (found := START_TEXT.search(event.text)):
             self.facts.device, self.facts.world = found["device"], int(found["world"])
             self.facts.batch, self.facts.total_steps = int(found["batch"]), int(found["total"])
             self.facts.cuda = found["device"].startswith("cuda")
+            self.facts.classes = int(found["classes"]) if found["classes"] else self.facts.classes
+        elif event.tag == tags.GRAD_LAYER_MAX_NAME:
+            self.grad_layers.append((event.step, event.text))
         elif event.tag == tags.UNREADABLE:
             self.unreadable.extend(line for line in event.text.splitlines() if line.strip())
             del self.unreadable[20:]
@@ -102,6 +113,10 @@ class History:
             if 0 in self.latest_memory:
                 self.memory.append((step, self.latest_memory[0]))
                 self.memory_baseline = self.memory_baseline or self.memory[0]
+
+    def grad_layer(self, step: int) -> str:
+        """The parameter with the largest gradient norm in the window of `step` (sent when it changes)."""
+        return next((name for at, name in reversed(self.grad_layers) if at <= step), "")
 
     def series(self, tag: str) -> list[tuple[int, float]]:
         return list(self.scalars.get(tag, ()))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from runner.diagnosis.evidence import finding, rounded
 from runner.diagnosis.gradient_rules import exploding_gradients, vanishing_gradients
+from runner.diagnosis.health_rules import diverging, loss_spike, not_learning
 from runner.diagnosis.history import History
 from runner.telemetry import tags
 from runner.telemetry.events import Event, Finding, LogPoint
@@ -230,7 +231,8 @@ def dashboard_trouble(h: History, step: int) -> Finding | None:
 
 
 RULES: tuple[Rule, ...] = (input_bound, unreadable_samples, exploding_gradients, vanishing_gradients,
-                           memory_growth, allocator_pressure, straggler_rank, dashboard_trouble)
+                           memory_growth, allocator_pressure, straggler_rank, dashboard_trouble,
+                           loss_spike, diverging, not_learning)
 
 
 def _slope(xs: list[int], ys: list[float]) -> float:
