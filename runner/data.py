@@ -155,12 +155,12 @@ def _image_folder(root: Path, size: int, channels: int) -> Dataset:
         raise usage_error(f"imagefolder {root}: {exc} (expected one sub-folder per class)") from None
 
 
-def _torchvision_set(kind: str, root: Path, download: bool) -> Dataset:
+def _torchvision_set(kind: str, root: Path, download: bool, train: bool = True) -> Dataset:
     from torchvision import datasets, transforms
 
     cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[kind]
     try:
-        return cls(str(root), train=True, download=download, transform=transforms.ToTensor())
+        return cls(str(root), train=train, download=download, transform=transforms.ToTensor())
     except RuntimeError as exc:
         raise usage_error(f"{kind} not found under {root} ({exc}); pass --download to fetch it") from None
 
@@ -289,9 +289,11 @@ def class_weights(dataset: Dataset) -> torch.Tensor:
 
 # --- entry -----------------------------------------------------------------------------------
 
-def build_dataset(cfg: TrainConfig, task: str) -> Dataset:
-    """The dataset the config names, wrapped so unreadable samples are skipped."""
-    kind, _, arg = cfg.data.partition(":")
+def build_dataset(cfg: TrainConfig, task: str, source: str = "", train: bool = True) -> Dataset:
+    """The dataset `source` names (default: --data); `train=False` for validation data (mnist/cifar10
+    take their test split, a factory gets `train=False`)."""
+    source = source or cfg.data
+    kind, _, arg = source.partition(":")
     if kind == "synthetic":
         if task == "denoise":
             dataset: Dataset = SyntheticDenoise(cfg.samples, cfg.channels, cfg.image_size, cfg.noise_sigma, cfg.seed)
@@ -305,15 +307,15 @@ def build_dataset(cfg: TrainConfig, task: str) -> Dataset:
             raise usage_error("paired data takes two folders: --data paired:NOISY_DIR,CLEAN_DIR")
         dataset = PairedFolders(Path(noisy), Path(clean), cfg.image_size, cfg.channels)
     elif kind in ("mnist", "cifar10"):
-        dataset = _torchvision_set(kind, Path(arg), cfg.download)
+        dataset = _torchvision_set(kind, Path(arg), cfg.download, train)
     else:
-        factory = load_object(cfg.data, what="dataset")
-        dataset = call_with_known_kwargs(factory, what=f"dataset factory {cfg.data}", image_size=cfg.image_size,
-                                         channels=cfg.channels, seed=cfg.seed, train=True)
+        factory = load_object(source, what="dataset")
+        dataset = call_with_known_kwargs(factory, what=f"dataset factory {source}", image_size=cfg.image_size,
+                                         channels=cfg.channels, seed=cfg.seed, train=train)
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise usage_error(f"dataset factory {cfg.data} returned {type(dataset).__name__}, not a Dataset")
+            raise usage_error(f"dataset factory {source} returned {type(dataset).__name__}, not a Dataset")
     if len(dataset) == 0:  # type: ignore[arg-type]
-        raise usage_error(f"dataset {cfg.data} is empty")
+        raise usage_error(f"dataset {source} is empty")
     return dataset
 
 

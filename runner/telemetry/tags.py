@@ -100,6 +100,7 @@ UNREACHABLE_S = "telemetry/unreachable_s"
 
 # --- histograms, norms, images ---------------------------------------------------------------------
 IMAGES_SAMPLES = "images/samples"
+VAL_IMAGES = "images/val_samples"  # the first validation batch at each evaluation
 
 
 def weights(name: str) -> str:

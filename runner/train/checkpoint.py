@@ -57,12 +57,17 @@ class Progress:
     step: int = 0  # training steps taken (batches trained on)
     skipped: int = 0  # unreadable samples so far
     amp_skipped: int = 0  # of the steps, those whose update GradScaler skipped (inf/NaN gradients)
+    best_value: float | None = None  # the --monitor tag's best value so far (best.pt holds its weights)
+    best_step: int = 0
 
 
 def build_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                progress: Progress, config_text: str) -> dict[str, Any]:
-    """What last.pt holds: weights, optimizer and scaler state, progress, the CPU RNG and the config."""
+                progress: Progress, config_text: str, scheduler: Any = None) -> dict[str, Any]:
+    """What last.pt holds: weights, optimizer, scheduler and scaler state, progress (the best value
+    included), the CPU RNG and the config."""
     return {
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "best": [progress.best_value, progress.best_step] if progress.best_value is not None else [],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -75,9 +80,9 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
 
 
 def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None) -> Progress:
-    """Load `state` (from `path`) into the model, optimizer, scaler and the CPU RNG; a one-line
-    RunnerError (exit 2) when it does not fit this model or optimizer."""
+            scaler: torch.amp.GradScaler | None, scheduler: Any = None) -> Progress:
+    """Load `state` (from `path`) into the model, optimizer, scheduler, scaler and the CPU RNG; a
+    one-line RunnerError (exit 2) when it does not fit this model or optimizer."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -86,9 +91,13 @@ def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torc
                           2) from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         torch.set_rng_state(state["rng"])
-    return Progress(int(state["step"]), int(state.get("skipped", 0)), int(state.get("amp_skipped", 0)))
+    best = state.get("best") or [None, 0]
+    return Progress(int(state["step"]), int(state.get("skipped", 0)), int(state.get("amp_skipped", 0)),
+                    None if best[0] is None else float(best[0]), int(best[1]))
 
 
 def read_for_resume(resume: str, own: Path) -> tuple[Path | None, dict[str, Any] | None, tuple[str, int] | None]:

@@ -28,11 +28,14 @@ from runner.probes.memory import MemoryProbe
 from runner.probes.sync_debug import SyncDebug
 from runner.procs.signals import StopRequested, deferred
 from runner.tasks import make_task
+from runner.telemetry import tags
 from runner.telemetry.hub import Hub
-from runner.train import checkpoint, first_nonfinite, oom
+from runner.train import checkpoint, compiled, first_nonfinite, oom
+from runner.train.evaluate import Best, Evaluator, split_data
 from runner.train.log_window import LogWindow
 from runner.train.profiling import StepProfiler
 from runner.train.reporting import Reporter
+from runner.train.schedule import make_scheduler
 from runner.train.stand_in import stand_in_batch
 from runner.train.step import Micro, StepRunner
 from runner.train.step_clock import StepClock
@@ -76,15 +79,19 @@ class Trainer:
             postmortem.record_history(self.device)
         seed_everything(cfg.seed)
         self.task = make_task(cfg.resolved_task)
-        self.dataset = build_dataset(cfg, cfg.resolved_task)
+        self.dataset, val_set = split_data(cfg, build_dataset(cfg, cfg.resolved_task))
         self.input_shape = sample_shape(self.dataset)
         num_classes = len(getattr(self.dataset, "classes", [])) or cfg.num_classes
         self.raw_model = build_model(cfg.model, self.input_shape[0], self.input_shape[-1], num_classes)
         self.batch_size = self._choose_batch_size()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if cfg.channels_last:
+            self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
         self.model = strategy.wrap(self.raw_model)
         self.raw_model = strategy.unwrap(self.model)  # --sync-bn may have replaced modules
+        if cfg.compile:
+            self.model = compiled.compile_model(self.model)
         self.amp_dtype = amp_dtype(self.device.type, cfg.amp, cfg.amp_dtype)
         self.scaler = make_scaler(self.device.type, cfg.amp, cfg.amp_dtype)
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay,
@@ -95,6 +102,12 @@ class Trainer:
         self.per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.steps or (cfg.epochs * self.per_epoch if cfg.epochs else 100)
         self.loader = self._loader()
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_schedule, self.total_steps, cfg.warmup_steps, cfg.min_lr)
+        self.runner = StepRunner(self.model, self.raw_model, self.task, self.optimizer, self.scaler, self._autocast,
+                                 cfg.clip_grad_norm, self.device, self.scheduler, cfg.channels_last)
+        self.evaluator = (Evaluator(val_set, self.batch_size, strategy, self.task, self._autocast, cfg.channels_last)
+                          if val_set is not None else None)
+        self.best = Best(cfg.monitor, cfg.monitor_mode)
         self.probe = MemoryProbe(self.device, cfg.system_every)
         self.reporter = Reporter(cfg, strategy, self.task, self.probe)
         self.profiler = (StepProfiler(cfg.profile, cfg.run_path / "profile", self.device, self.rank,
@@ -104,8 +117,6 @@ class Trainer:
         self.skipped = 0  # unreadable samples
         self.amp_skipped = 0  # steps whose update GradScaler skipped
         self.nonfinite_in_a_row = 0  # --on-nan skip
-        self.runner = StepRunner(self.model, self.raw_model, self.task, self.optimizer, self.scaler, self._autocast,
-                                 cfg.clip_grad_norm, self.device)
         self.last_batch: Batch | None = None  # a reference (no copy): DDP stand-in, NaN re-run
         self.nonfinite = first_nonfinite.FirstNonfinite(self.raw_model, self.task.loss, self._autocast, self.ckpt_path,
                                                         self.rank)
@@ -168,16 +179,18 @@ class Trainer:
             raise RunnerError(*error)
         if state is None:
             return
-        progress = checkpoint.restore(state, path, self.raw_model, self.optimizer, self.scaler)
+        progress = checkpoint.restore(state, path, self.raw_model, self.optimizer, self.scaler, self.scheduler)
         self.step, self.skipped, self.amp_skipped = progress.step, progress.skipped, progress.amp_skipped
+        self.best.value, self.best.step = progress.best_value, progress.best_step
         self.resumed_from = path
 
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes last.pt atomically; every rank waits so an immediate load is safe."""
+    def save_checkpoint(self, name: str = "last.pt") -> None:
+        """Rank 0 writes last.pt (or best.pt) atomically; every rank waits so an immediate load is safe."""
         if self.strategy.is_writer:
-            progress = checkpoint.Progress(self.step, self.skipped, self.amp_skipped)
+            progress = checkpoint.Progress(self.step, self.skipped, self.amp_skipped, self.best.value, self.best.step)
             checkpoint.save(checkpoint.build_state(self.raw_model, self.optimizer, self.scaler, progress,
-                                                   config_io.dumps(self.cfg)), self.ckpt_path)
+                                                   config_io.dumps(self.cfg), self.scheduler),
+                            self.ckpt_path.with_name(name))
         self.strategy.barrier()
 
     # --- the loop ------------------------------------------------------------------------
@@ -185,6 +198,10 @@ class Trainer:
     def fit(self, hub: Hub) -> int:
         """Train to `total_steps` (or a stop request), emitting to `hub`; returns the exit code."""
         self.reporter.hub = hub
+        if self.cfg.compile:  # before the clock: compiling is not step 1's time
+            seconds = compiled.warm_up(self.model, self.raw_model, self.task, self.dataset, self.batch_size,
+                                       self.device, self._autocast, self.cfg.channels_last)
+            self.reporter.compiled(self.step, seconds)
         self.clock = StepClock(self.device)  # the first window starts here, not at set-up
         self.clock.enter("telemetry")
         if hub.active:
@@ -304,6 +321,9 @@ class Trainer:
         self.reporter.observe(self.step, self.raw_model, done.inputs, done.output, done.targets)
         if self.profiler is not None:
             self._profiled(self.profiler.after_step(self.step))
+        if self.evaluator is not None and (self.step % (cfg.eval_every or self.per_epoch) == 0
+                                           or self.step == self.total_steps):
+            self._evaluate()  # before the log point, which closes the evaluation's values with its own
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
             with self.sync_debug.outside_steady_state(self.step):
                 self._log_point(window)
@@ -313,6 +333,17 @@ class Trainer:
                 if cfg.on_nan == "stop" and window.any_nonfinite(self.strategy):
                     self._stop_nonfinite()
                 self.save_checkpoint()
+
+    def _evaluate(self) -> None:
+        """Evaluate on the validation set (its time apart from the steps'), emit, and write best.pt
+        when the --monitor tag improved. The one call site of an evaluation."""
+        with self.clock.apart(), self.sync_debug.outside_steady_state(self.step):
+            result = self.evaluator.run(self.raw_model, self.step, self.reporter.wants_grid())
+            self.reporter.evaluation(result)
+            if self.best.offer({**self.last_scalars, **result.values}, self.step):
+                self.save_checkpoint("best.pt")
+                self.reporter.note(tags.BEST, self.step, f"best.pt: {self.best.monitor} {self.best.value:.6g} "
+                                                         f"at step {self.step}")
 
     def _profiled(self, written: list[Path]) -> None:
         if written:

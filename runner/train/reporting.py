@@ -37,6 +37,7 @@ from runner.telemetry.events import (
     Text,
 )
 from runner.telemetry.hub import Hub
+from runner.train.evaluate import Evaluation
 from runner.train.log_window import Totals
 from runner.train.strategy import Strategy
 
@@ -85,7 +86,8 @@ class Reporter:
                 hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=self.rank, values=sample, world_size=self.world))
             if self.world > 1:
                 self.memory_window.append((step, sample))
-        if (step % cfg.images_every == 0 or step == 1) and hub.wants(ImageGrid) and hasattr(self.task, "grid"):
+        if (step % cfg.images_every == 0 or step == 1) and hub.wants(ImageGrid) and hasattr(self.task, "grid") \
+                and inputs is not None:  # an own loop may give no batch (runner.observe)
             make = grid_event(self.task.grid(inputs, output, targets), step, self.rank)
             self.pending.append(lambda: [make()])
         if (step % cfg.hist_every == 0 or step == 1) and hub.wants(Histogram):
@@ -161,6 +163,28 @@ class Reporter:
         values[tags.SLOWEST_RANK] = float(slowest)
         values[tags.TIME_SKEW] = (steps[slowest] - min(steps)) / max(steps[slowest], 1e-9)
         return values
+
+    # --- evaluation and compilation ---------------------------------------------------------
+
+    def wants_grid(self) -> bool:
+        """Whether an evaluation should keep its first batch's image grid (the writer, with sinks)."""
+        return self.strategy.is_writer and self.hub.wants(ImageGrid)
+
+    def evaluation(self, result: Evaluation) -> None:
+        """An evaluation's `val/*` values, its wall time and grid (after its sync: the copies landed)."""
+        self.last_scalars.update(result.values)
+        if not self.hub.active:
+            return
+        for tag, value in {**result.values, tags.EVAL_S: result.seconds}.items():
+            self.hub.emit(Scalar(tag=tag, step=result.step, rank=self.rank, value=value))
+        if result.grid is not None:
+            self.hub.emit(result.grid())
+
+    def compiled(self, step: int, seconds: float) -> None:
+        """--compile: the compile time, apart from every step's."""
+        log.info("torch.compile: %.1f s", seconds)
+        if self.hub.active:
+            self.hub.emit(Scalar(tag=tags.COMPILE_S, step=step, rank=self.rank, value=seconds))
 
     # --- start and end ---------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 
 from runner.data import Batch
 from runner.tasks import Task
@@ -54,10 +55,11 @@ class StepRunner:
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None, autocast: Callable[[], contextlib.AbstractContextManager],
-                 clip_grad_norm: float, device: torch.device) -> None:
+                 clip_grad_norm: float, device: torch.device, scheduler: lr_scheduler.LRScheduler,
+                 channels_last: bool = False) -> None:
         self.model, self.raw_model, self.task = model, raw_model, task
-        self.optimizer, self.scaler, self.autocast = optimizer, scaler, autocast
-        self.clip_grad_norm, self.device = clip_grad_norm, device
+        self.optimizer, self.scaler, self.autocast, self.scheduler = optimizer, scaler, autocast, scheduler
+        self.clip_grad_norm, self.device, self.channels_last = clip_grad_norm, device, channels_last
         self.one = torch.ones((), device=device)  # reads GradScaler's scale on the device: scale(one)
         self.last_grad_norm: torch.Tensor | None = None  # the latest step's pre-clip norm (with clipping)
 
@@ -76,6 +78,8 @@ class StepRunner:
             with quiet:
                 clock.enter("h2d")
                 inputs = micro.batch.inputs.to(self.device, non_blocking=True)
+                if self.channels_last and inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 targets = micro.batch.targets.to(self.device, non_blocking=True)
                 clock.enter("forward")
                 kept = buffers_kept(self.raw_model) if micro.stand_in else contextlib.nullcontext()
@@ -102,9 +106,10 @@ class StepRunner:
         return done
 
     def update(self) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Clip (with --clip-grad-norm) and step. Returns, as device tensors read at the next log point:
-        under GradScaler whether it skipped the update (inf/NaN gradients; the scale, read as
-        `scale(1)` without a sync, drops only then), and with clipping (pre-clip norm, clipped?)."""
+        """Clip (with --clip-grad-norm), step, and advance the learning-rate schedule. Returns, as
+        device tensors read at the next log point: under GradScaler whether it skipped the update
+        (inf/NaN gradients; the scale, read as `scale(1)` without a sync, drops only then), and with
+        clipping (pre-clip norm, clipped?)."""
         clip = None
         if self.clip_grad_norm > 0:
             if self.scaler is not None:
@@ -114,8 +119,10 @@ class StepRunner:
             clip = (norm, norm > self.clip_grad_norm)
         if self.scaler is None:
             self.optimizer.step()
+            self.scheduler.step()
             return None, clip
         self.scaler.step(self.optimizer)
         before = self.scaler.scale(self.one)
         self.scaler.update()
+        self.scheduler.step()  # also after an update GradScaler skipped: the schedule follows the steps
         return self.scaler.scale(self.one) < before, clip

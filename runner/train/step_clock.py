@@ -17,7 +17,9 @@ time, which includes the log point's wait for the device.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -90,6 +92,19 @@ class StepClock:
         self.part, self.last = part, now
         if self.events is not None and part in _EVENT_AT:
             self.events.record(_EVENT_AT[part])
+
+    @contextlib.contextmanager
+    def apart(self) -> Iterator[None]:
+        """Time inside is no part's and not the window's (an evaluation, reported on its own): the
+        step breakdown and samples/s stay those of training."""
+        self.enter(self.part)  # the running part's time up to here still counts
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.last += spent
+            self.window_start += spent
 
     def window(self, steps: int) -> dict[str, float]:
         """Milliseconds per step of each part since the last call, and `step` (the whole). The part
