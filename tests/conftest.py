@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.runs import ROOT, Outcome, child_pythonpath
+from tests.support.runs import Outcome, child_pythonpath, in_process_cli
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,29 +34,11 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
 
 
-def in_process_cli() -> Callable[..., Outcome]:
-    """`runner ARGS` in this process, its `train` training right here (no supervisor, no child): the
-    command tree of runner/cli.py around runner/train/run.py's `train_here`, as `python -m runner.train`
-    uses it. Processes a run starts itself (DataLoader workers, dashboards) find `tests.support`."""
-    from typer.testing import CliRunner
-
-    from runner.cli import build_app
-    from runner.train.run import train_here
-
-    app = build_app(train_here)
-
-    def run(*args: str) -> Outcome:
-        result = CliRunner().invoke(app, list(args))
-        if result.exception and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return Outcome(result.exit_code, result.stdout, result.stderr)
-
-    return run
-
-
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Outcome]:
-    """`cli("train", ...)`: see `in_process_cli`."""
+    """`cli("train", ...)`: runner's commands in this process, `train` training right here (see
+    tests.support.runs.in_process_cli); processes the run starts (dashboards, spawned workers) find
+    `tests.support` too."""
     monkeypatch.setenv("PYTHONPATH", child_pythonpath())
     return in_process_cli()
 

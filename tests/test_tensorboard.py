@@ -29,7 +29,7 @@ from dashboards.tensorboard import TensorBoardSink
 from runner.models import build_model
 from runner.probes.tensor_stats import parameter_stats
 from runner.telemetry.events import HParams, ImageGrid, MemorySample, Scalar
-from tests.support.runs import ROOT, child_pythonpath, run_runner
+from tests.support.runs import ROOT, child_pythonpath, in_process_cli, run_runner
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress", "--resume", "never",
         "--viz", "tensorboard"]
@@ -58,18 +58,12 @@ def train(cli, tmp_path: Path, name: str, *args: str) -> tuple[Path, EventAccumu
 @pytest.fixture(scope="module")
 def unet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EventAccumulator]:
     """One Tiny-UNet run shared by the read-back checks (6 steps, everything on at small cadences)."""
-    from typer.testing import CliRunner
-
-    from runner.cli import app
-
     tmp = tmp_path_factory.mktemp("tb")
     with pytest.MonkeyPatch.context() as env:  # as the `cli` fixture, for a module-scoped run
-        env.setenv("RUNNER_IN_PROCESS", "1")
         env.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
-        result = CliRunner().invoke(app, ["train", *TINY, "--model", "tinyunet", "--steps", "6", "--log-every", "2",
-                                          "--images-every", "3", "--hist-every", "3", "--run-dir", str(tmp),
-                                          "--name", "unet"])
-    assert result.exit_code == 0, result.stderr
+        result = in_process_cli()("train", *TINY, "--model", "tinyunet", "--steps", "6", "--log-every", "2",
+                                  "--images-every", "3", "--hist-every", "3", "--run-dir", str(tmp), "--name", "unet")
+    assert result.code == 0, result.stderr
     return tmp / "unet", read(tmp / "unet")
 
 

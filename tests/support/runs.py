@@ -1,10 +1,12 @@
-"""Running `runner` from a test: as a real process (supervisor + trainer child), and what it returned."""
+"""Running `runner` from a test, and what it returned: as a real process (supervisor + trainer child), or
+in this process with training right here (fast, and what most tests need)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,3 +32,23 @@ def run_runner(*args: str, env: dict[str, str] | None = None, timeout: float = 1
     proc = subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
     return Outcome(proc.returncode, proc.stdout, proc.stderr)
+
+
+def in_process_cli() -> Callable[..., Outcome]:
+    """`runner ARGS` in this process, its `train` training right here (no supervisor, no child): the
+    command tree of runner/cli.py around runner/train/run.py's `train_here`, as `python -m runner.train`
+    uses it."""
+    from typer.testing import CliRunner
+
+    from runner.cli import build_app
+    from runner.train.run import train_here
+
+    app = build_app(train_here)
+
+    def run(*args: str) -> Outcome:
+        result = CliRunner().invoke(app, list(args))
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return Outcome(result.exit_code, result.stdout, result.stderr)
+
+    return run
