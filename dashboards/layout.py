@@ -21,6 +21,11 @@ from runner.telemetry import tags
 
 RANKS = r"(/rank\d+)?"  # under DDP the writer rank shows every rank's series with this suffix
 TIME_PARTS = "|".join(tags.TIME_PARTS)  # add up to time/step_ms
+# train/ scalars that are not a task's metric: the "task metrics" pane below gathers every other
+# train/<name> and val/<name>, so that a --task's own metrics show train beside validation
+NOT_METRICS = "|".join(tag.split("/", 1)[1] for tag in (
+    tags.LOSS, tags.LR, tags.SAMPLES_PER_S, tags.SKIPPED, tags.AMP_SKIPPED, tags.AMP_SCALE, tags.GRAD_NORM,
+    tags.CLIP_NORM, tags.CLIPPED_SHARE))
 
 Chart = Literal["line", "stacked", "bars", "image", "histogram", "graph", "text"]
 SCALAR_CHARTS = ("line", "stacked", "bars")  # charts of Scalar / MemorySample series
@@ -61,19 +66,22 @@ class Group:
 
 GROUPS: tuple[Group, ...] = (
     Group("loss", "loss and optimiser", (
-        Pane("loss", (r"train/loss",)),
+        Pane("loss", (r"train/loss", r"val/loss")),  # train and validation together
         Pane("learning rate", (r"train/lr",)),
-        Pane("gradient norm (all layers)", (r"train/grad_norm",)),
+        Pane("gradient norm (all layers)", (r"train/grad_norm", r"train/clip_norm")),
+        Pane("clipped steps", (r"train/clipped_share",), "share of steps"),
         Pane("AMP loss scale", (r"train/amp_scale",)),
         Pane("skipped samples (unreadable)", (r"train/skipped",), "samples"),
     )),
     Group("metric", "metric", (
-        Pane("metric", (r"train/(accuracy|psnr)",)),
+        Pane("metric", (r"(train|val)/(accuracy|psnr)",)),
+        Pane("task metrics", (rf"(train|val)/(?!({NOT_METRICS})$)\w+",)),
     )),
     Group("time", "time", (
         Pane("throughput", (r"train/samples_per_s",), "samples/s"),
+        Pane("evaluation and compile time", (r"time/(eval|compile)_s",), "s"),  # not in the step's time
         Pane("step time breakdown", (rf"time/({TIME_PARTS})_ms",), "ms", "stacked"),
-        Pane("step time and data wait", (r"time/(step|data_wait)_ms",), "ms"),
+        Pane("step time", (r"time/step_ms",), "ms"),  # data wait is a part of the breakdown above
         Pane("step time per rank", (r"time/step_ms/rank\d+",), "ms"),
         Pane("data wait per rank", (r"time/data_wait_ms/rank\d+",), "ms"),
         Pane("step parts per rank", (rf"time/({TIME_PARTS})_ms/rank\d+",), "ms"),
