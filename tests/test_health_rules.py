@@ -37,7 +37,8 @@ def window(loss: float, loss_max: float | None = None, at: int = 0, grad: float 
 def test_spike_in_the_first_window_with_a_gradient_jump() -> None:
     first = window(6.5e6, loss_max=6.5e7, at=5, grad=1e5, grad_max=1e6) | {tags.LOSS_MIN: 2.37}
     later = [(s, window(2.33, at=s - 3, **{tags.train("accuracy"): 0.1})) for s in range(20, 70, 10)]
-    found = by_kind(run([(10, first), *later], (Text(tag=tags.GRAD_LAYER_MAX_NAME, step=10, text="features.0.weight"),)))
+    layer = Text(tag=tags.GRAD_LAYER_MAX_NAME, step=10, text="features.0.weight")
+    found = by_kind(run([(10, first), *later], (layer,)))
     spike = found["loss_spike"]
     assert spike.severity == "warning" and spike.step == 10
     assert spike.evidence["step"] == 5 and spike.evidence["loss"] == 6.5e7 and spike.evidence["median"] == 2.37
@@ -75,3 +76,12 @@ def test_not_learning_denoise_compares_with_the_noisy_input() -> None:
     assert found.evidence["input_psnr"] == [14.5] * 4 and "noisy input" in found.message
     learning = [(s, window(0.04, **{tags.train("psnr"): 18.0, tags.INPUT_PSNR: 14.5})) for s in range(10, 70, 10)]
     assert "not_learning" not in by_kind(run(learning))
+
+
+def test_dashboard_trouble_names_the_sink_and_kind() -> None:
+    """Only scalars were coalesced (Visdom fell behind): the finding says so, not 'image/histogram'."""
+    points = [(s, {tags.DROPPED: n, tags.dropped("VisdomSink", "Scalar"): n}) for s, n in ((10, 0.0), (20, 50.0),
+                                                                                         (30, 90.0))]
+    found = by_kind(run(points))["dashboard_trouble"]
+    assert "VisdomSink coalesced 90 Scalar events" in found.message and "image" not in found.message
+    assert found.evidence["by_sink_and_kind"] == {"VisdomSink/Scalar": 90} and "--log-every" in found.advice

@@ -61,11 +61,12 @@ STRAGGLER_MIN_MS = 5.0
 STRAGGLER_POINTS = 3
 OWN_PARTS = ("data_wait", "h2d", "forward", "optimizer")
 
-# dashboard_trouble: the hub dropped image/histogram events at two log points running (a sink is
+# dashboard_trouble: the hub dropped or coalesced events at two log points running (a sink is
 # falling behind for good, not a hiccup), or a backend has been unreachable for 30 s (longer than a
-# server restart takes).
+# server restart takes). The finding names each sink and event kind (telemetry/dropped/<sink>/<kind>).
 DROPPED_POINTS = 2
 UNREACHABLE_S = 30.0
+COALESCED_KINDS = ("Scalar", "MemorySample")  # past a queue limit these keep their newest value per tag
 
 Rule = Callable[[History, int], "Finding | None"]
 
@@ -212,13 +213,20 @@ def straggler_rank(h: History, step: int) -> Finding | None:
 def dashboard_trouble(h: History, step: int) -> Finding | None:
     dropped = h.series(tags.DROPPED)[-(DROPPED_POINTS + 1):]
     if len(dropped) == DROPPED_POINTS + 1 and all(b[1] > a[1] for a, b in zip(dropped, dropped[1:])):
+        by = {tag[len(tags.DROPPED_BY):]: int(v) for tag, v in h.latest(tags.DROPPED_BY).items() if v}
+        where = "; ".join(f"{sink} {'coalesced' if kind in COALESCED_KINDS else 'dropped'} {n:,} {kind} events"
+                          for (sink, kind), n in ((key.split("/", 1), n) for key, n in sorted(by.items())))
+        heavy = any(key.split("/", 1)[1] not in COALESCED_KINDS for key in by)
+        advice = ("log images and histograms less often (--images-every, --hist-every)" if heavy else
+                  "log scalars less often (--log-every, --memory-every)")
         return finding("dashboard_trouble", "warning", step,
-                        f"the dashboards are falling behind: {int(dropped[-1][1])} image/histogram events dropped "
-                        f"so far, more at each of the last {DROPPED_POINTS} log points",
-                        {"dropped": [[s, int(v)] for s, v in dropped],
+                        f"the dashboards are falling behind ({where or f'{int(dropped[-1][1])} events'} so far), "
+                        f"more at each of the last {DROPPED_POINTS} log points",
+                        {"dropped": [[s, int(v)] for s, v in dropped], "by_sink_and_kind": by,
                          "backlog": h.value(tags.BACKLOG, dropped[-1][0])},
-                        "log images and histograms less often (--images-every, --hist-every), or check that the "
-                        "Visdom server is not overloaded (`runner dashboards status`)", subject="dropped")
+                        advice + ", or check that the Visdom server is not overloaded (`runner dashboards status`); "
+                        "what a sink coalesced is still in the run's TensorBoard files when only Visdom fell behind",
+                        subject="dropped")
     unreachable = h.value(tags.UNREACHABLE_S, step)
     if unreachable is not None and unreachable >= UNREACHABLE_S:
         run = f"{h.facts.config.get('run_dir', 'runs')}/{h.facts.config.get('name', 'RUN')}"

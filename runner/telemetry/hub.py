@@ -2,11 +2,14 @@
 
 Memory stays bounded whatever a sink does. Per sink:
 - text, graph, hparams and findings (`NEVER_DROPPED`) are always queued: they are rare;
-- image grids and histograms beyond `capacity` pending ones are dropped;
+- image grids and histograms beyond `capacity` pending *copies* are dropped: the histograms of one
+  step share one stacked copy (runner/probes/tensor_stats.py) and count as one, so a model of 2,000
+  parameter tensors loses none of them;
 - scalars and memory samples (`COALESCED`) are queued up to the sink's `queue_limit` pending events;
   past it, only the newest event per (type, tag, rank) waits, delivered once the sink catches up (so a
   stuck sink holds at most twice its limit plus one per series: the batch in its hands, and the queue).
-Whatever a sink never gets is counted in `dropped` and warned about once per sink. A sink that keeps
+Whatever a sink never gets is counted per sink and event kind (`dropped_by`), and warned about once
+per sink. A sink that keeps
 up (TensorBoard writes over 100k scalars a second) never reaches its limit and gets every event; a
 dashboard that is slow or gone costs at most its limit in events.
 
@@ -34,6 +37,15 @@ LINGER, LINGER_BELOW = 0.002, 256
 _SKIP, _COALESCED, _KEPT, _HEAVY = range(4)  # what a sink's queue does with an event type
 
 
+def _copy_of(event: Event) -> object:
+    """What a heavy event holds in memory: its (possibly shared) array or in-flight copy."""
+    for field in ("data", "image"):
+        held = getattr(event, field, None)
+        if held is not None:
+            return held
+    return event
+
+
 class _SinkWorker:
     """A sink, its queue and its delivery thread.
 
@@ -50,8 +62,8 @@ class _SinkWorker:
         self.queue: collections.deque[Event] = collections.deque()
         self.newest: dict[tuple[type, str, int], Event] = {}  # coalesced scalars/memory samples, past `limit`
         self.in_hand = 0  # taken by the delivery thread, not written yet
-        self.heavy_pending = 0
-        self.dropped = 0
+        self.heavy_pending: dict[int, int] = {}  # id of a pending heavy event's copy → its events pending
+        self.dropped: dict[str, int] = {}  # event kind → events this sink never got
         self.busy = False
         self.sleeping = False  # the delivery thread waits (or is about to): the next put wakes it
         self.stopping = False  # deliver what is pending, then end
@@ -81,7 +93,7 @@ class _SinkWorker:
             if len(self.queue) >= self.limit:
                 self._coalesce(event)
                 return
-        elif policy == _SKIP or (policy == _HEAVY and not self._admit_heavy()):
+        elif policy == _SKIP or (policy == _HEAVY and not self._admit_heavy(event)):
             return
         self.queue.append(event)
         if self.sleeping:
@@ -92,22 +104,36 @@ class _SinkWorker:
         key = (type(event), event.tag, event.rank)
         with self.lock:
             if key in self.newest:
-                self._drop("coalescing scalars and memory samples to the newest per tag")
+                self._drop(type(event).__name__, "coalescing scalars and memory samples to the newest per tag")
             self.newest[key] = event
             if self.sleeping:
                 self.wake.notify()
 
-    def _admit_heavy(self) -> bool:
+    def _admit_heavy(self, event: Event) -> bool:
+        """Admit a heavy event unless `capacity` copies are pending; events sharing a pending copy
+        (the rows of one stacked histogram table) ride along with it."""
+        copy = id(_copy_of(event))
         with self.lock:
-            if self.heavy_pending >= self.capacity:
-                self._drop("dropping image/histogram events")
+            if copy not in self.heavy_pending and len(self.heavy_pending) >= self.capacity:
+                self._drop(type(event).__name__, "dropping image/histogram events")
                 return False
-            self.heavy_pending += 1
+            self.heavy_pending[copy] = self.heavy_pending.get(copy, 0) + 1
             return True
 
-    def _drop(self, what: str) -> None:
-        self.dropped += 1
-        if self.dropped == 1:
+    def _heavy_done(self, events: list[Event]) -> None:
+        """Release the copies of delivered heavy events (under the lock)."""
+        for event in events:
+            copy = id(_copy_of(event))
+            left = self.heavy_pending.get(copy, 0) - 1
+            if left > 0:
+                self.heavy_pending[copy] = left
+            else:
+                self.heavy_pending.pop(copy, None)
+
+    def _drop(self, kind: str, what: str) -> None:
+        first = not self.dropped
+        self.dropped[kind] = self.dropped.get(kind, 0) + 1
+        if first:
             log.warning("%s is falling behind: %s (counted in telemetry/dropped)", self.name, what)
 
     def _take(self) -> list[Event] | None:
@@ -130,7 +156,7 @@ class _SinkWorker:
     def _deliver(self) -> None:
         write, policy = self.sink.write, self.policy
         while (batch := self._take()) is not None:
-            heavy_done = 0
+            heavy_done: list[Event] = []
             for event in batch:
                 if self.abandoned:
                     break
@@ -138,10 +164,11 @@ class _SinkWorker:
                     write(event)
                 except Exception:
                     log.exception("%s failed on %s %r", self.name, type(event).__name__, event.tag)
-                heavy_done += policy[type(event)] == _HEAVY
+                if policy[type(event)] == _HEAVY:
+                    heavy_done.append(event)
                 self.in_hand -= 1
             with self.lock:
-                self.heavy_pending -= heavy_done
+                self._heavy_done(heavy_done)
                 self.in_hand, self.busy = 0, False
                 self.idle.notify_all()
             if len(batch) < LINGER_BELOW and not self.stopping:
@@ -205,7 +232,11 @@ class Hub:
     @property
     def dropped(self) -> int:
         """Events some sink never got (heavy ones dropped, scalars coalesced away), over all sinks."""
-        return sum(w.dropped for w in self._workers)
+        return sum(sum(w.dropped.values()) for w in self._workers)
+
+    def dropped_by(self) -> dict[tuple[str, str], int]:
+        """Events never delivered, per (sink, event kind): what `telemetry/dropped/<sink>/<kind>` shows."""
+        return {(w.name, kind): n for w in self._workers for kind, n in list(w.dropped.items())}
 
     def health(self) -> dict[str, float]:
         """What the trainer shows as `telemetry/*` at log points: events dropped, the longest queue,
@@ -216,9 +247,11 @@ class Hub:
                 unreachable = max(unreachable, float(worker.sink.unreachable_for()))
             except Exception:
                 log.debug("%s.unreachable_for failed", worker.name, exc_info=True)
-        return {tags.DROPPED: float(self.dropped),
-                tags.BACKLOG: float(max((w.backlog for w in self._workers), default=0)),
-                tags.UNREACHABLE_S: unreachable}
+        health = {tags.DROPPED: float(self.dropped),
+                  tags.BACKLOG: float(max((w.backlog for w in self._workers), default=0)),
+                  tags.UNREACHABLE_S: unreachable}
+        health.update({tags.dropped(sink, kind): float(n) for (sink, kind), n in self.dropped_by().items()})
+        return health
 
     def emit(self, event: Event) -> None:
         """Queue an event for every sink that accepts it; returns at once. Thread-safe."""

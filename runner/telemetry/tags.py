@@ -97,6 +97,12 @@ def ranks_memory(key: str, stat: str) -> str:
 DROPPED = "telemetry/dropped"
 BACKLOG = "telemetry/backlog"
 UNREACHABLE_S = "telemetry/unreachable_s"
+DROPPED_BY = "telemetry/dropped/"  # telemetry/dropped/<sink>/<event kind>: what one sink never got
+
+
+def dropped(sink: str, kind: str) -> str:
+    """`telemetry/dropped/<sink>/<kind>`: events of `kind` (Scalar, Histogram...) that `sink` never got."""
+    return f"{DROPPED_BY}{sink}/{kind}"
 
 # --- histograms, norms, images ---------------------------------------------------------------------
 IMAGES_SAMPLES = "images/samples"
