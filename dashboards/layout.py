@@ -66,15 +66,17 @@ class Group:
 
 GROUPS: tuple[Group, ...] = (
     Group("loss", "loss and optimiser", (
-        Pane("loss", (r"train/loss", r"val/loss")),  # train and validation together
+        Pane("loss", (r"train/loss", r"val/loss", r"train/loss_(max|min)")),  # train and validation together
+        Pane("gradient norm, every step", (r"norms/grad_(global|global_max|layer_max)",)),  # beside the loss
         Pane("learning rate", (r"train/lr",)),
         Pane("gradient norm (all layers)", (r"train/grad_norm", r"train/clip_norm")),
         Pane("clipped steps", (r"train/clipped_share",), "share of steps"),
         Pane("AMP loss scale", (r"train/amp_scale",)),
         Pane("skipped samples (unreadable)", (r"train/skipped",), "samples"),
+        Pane("step of the window's largest loss", (r"train/loss_max_step",), "step"),
     )),
     Group("metric", "metric", (
-        Pane("metric", (r"(train|val)/(accuracy|psnr)",)),
+        Pane("metric", (r"(train|val)/(accuracy|psnr)", r"train/psnr_input")),  # denoise: beside the noisy input
         Pane("task metrics", (rf"(train|val)/(?!({NOT_METRICS})$)\w+",)),
     )),
     Group("time", "time", (
@@ -104,7 +106,7 @@ GROUPS: tuple[Group, ...] = (
         Pane("GPU utilisation", (r"system/gpu_util" + RANKS,), "%"),
         Pane("GPU power", (r"system/gpu_power_w" + RANKS,), "W"),
         Pane("GPU temperature", (r"system/gpu_temp_c" + RANKS,), "°C"),
-        Pane("telemetry dropped and backlog", (r"telemetry/(dropped|backlog)",), "events"),
+        Pane("telemetry dropped and backlog", (r"telemetry/(dropped|backlog)", r"telemetry/dropped/\w+/\w+"), "events"),
         Pane("telemetry sink unreachable", (r"telemetry/unreachable_s",), "s"),
     )),
     Group("images", "images", (
@@ -122,6 +124,7 @@ GROUPS: tuple[Group, ...] = (
     Group("text", "text", (
         Pane("findings", (r"findings",), chart="text"),
         Pane("run", (r"status|config|hparams",), chart="text"),
+        Pane("largest gradient", (r"norms/grad_layer_max_name",), chart="text"),
         Pane("memory estimate table", (r"memory_estimate",), chart="text"),
         Pane("automatic batch size", (r"auto_batch",), chart="text"),
         Pane("out of memory", (r"memory_oom",), chart="text"),
