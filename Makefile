@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 ASSETS_STAMP := $(VENV)/.visdom-assets
 PIP_QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-.PHONY: setup demo test test-fast browser bench clean gpu-bundle gpu-rehearsal
+.PHONY: setup demo test test-fast lint browser bench clean gpu-bundle gpu-rehearsal
 .DEFAULT_GOAL := demo
 
 setup: $(STAMP) $(ASSETS_STAMP)
@@ -47,6 +47,13 @@ demo: setup
 
 test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Style and bugs (ruff), the layering and the torch-free commands (import-linter, contracts in pyproject.toml),
+# types of the torch-free packages (mypy, [tool.mypy] in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check runner dashboards scripts tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # The suite without the slow end-to-end cases (servers, torchrun, browsers).
 test-fast: setup
