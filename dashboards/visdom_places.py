@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from dashboards.layout import GROUPS, place
+from runner.telemetry import tags
 
 MIB = float(1 << 20)
 ESTIMATE = "memory/estimate_"  # the memory estimate's parts: one bar chart of their latest values
@@ -37,9 +38,12 @@ class LinePlace:
 
 
 def _series_name(tag: str, unit: str) -> str:
-    """The series' name in its pane: the tag's last part (`rss`, `rss rank1`), a `_ms` unit suffix dropped."""
+    """The series' name in its pane: the tag's last part (`rss`, `rss rank1`), a `_ms` unit suffix dropped;
+    `val loss` for `val/loss`, which shares its pane with `train/loss`."""
     parts = tag.split("/")
     name = f"{parts[-2]} {parts[-1]}" if len(parts) > 2 and re.fullmatch(r"rank\d+", parts[-1]) else parts[-1]
+    if tag.startswith(tags.VAL):
+        name = f"val {name}"
     return name.replace("_ms", "") if unit == "ms" else name
 
 

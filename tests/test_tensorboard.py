@@ -128,7 +128,7 @@ def test_config_status_hparams_and_layout_in_one_folder(unet_run: tuple[Path, Ev
     categories = {category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
                   for category in layout.category}
     assert list(categories) == ["loss and optimiser", "metric", "time", "memory", "system", "histograms"]
-    assert categories["loss and optimiser"]["loss"] == ["^(?:train/loss)$"]
+    assert categories["loss and optimiser"]["loss"][:2] == ["^(?:train/loss)$", "^(?:val/loss)$"]  # train, val together
     assert "memory/rss" in categories["memory"]["process RSS (bytes)"][0]
     assert "train/samples_per_s" in categories["time"]["throughput (samples/s)"][0]
     assert [p.name for p in run.iterdir() if p.is_dir()] == ["checkpoints"]  # hparams: no sub-run
