@@ -153,7 +153,7 @@ class VisdomSink(Sink):
     def _image(self, event: ImageGrid) -> None:
         image, win = as_array(event.image), win_id(event.tag)
         caption = f"step {event.step}" + (f" · {event.caption}" if event.caption else "")
-        self.panes.replace(win).set(lambda: image_message(win, self.env, image, event.tag, caption))
+        self.panes.replace(win).set(lambda: image_message(win, self.env, image, event.tag, caption), key=event.step)
 
     def _histogram(self, event: Histogram) -> None:
         kind, _, name = event.tag.partition("/")
@@ -164,7 +164,7 @@ class VisdomSink(Sink):
         rows[name] = (lo, hi, np.array(counts))
         self.histograms[kind] = (step, rows)
         win = histogram_win(kind)
-        self.panes.replace(win).set(lambda: histogram_message(win, self.env, kind, step, dict(rows)))
+        self.panes.replace(win).set(lambda: histogram_message(win, self.env, kind, step, dict(rows)), key=step)
 
     def _graph(self, event: Graph) -> None:
         from dashboards.graph_svg import graph_svg
@@ -190,7 +190,7 @@ class VisdomSink(Sink):
             self._run_pane()
             return
         content, win = markdown_html(event.text), text_win(event.tag)
-        self.panes.replace(win).set(lambda: text_message(win, self.env, content, event.tag))
+        self.panes.replace(win).set(lambda: text_message(win, self.env, content, event.tag), key=event.step)
 
     def _hparams(self, event: HParams) -> None:
         if event.metrics:
@@ -205,6 +205,7 @@ class VisdomSink(Sink):
         self.findings.add(event.kind, event.severity, event.message, dict(event.evidence), event.advice, event.step)
         text, win = self.findings.html(), text_win("findings")
         self.panes.replace(win).set(lambda: text_message(win, self.env, text, "findings", 560, 360))
+        self._next_send = 0.0  # rare, and wanted now (a stall's finding may come while nothing else does)
 
     # --- delivery ---
 

@@ -117,7 +117,7 @@ def rewrite_log(path: Path, env: str, last_step: int) -> tuple[Panes, Cursor]:
         for pane in panes.panes.values():
             if isinstance(pane, ReplacePane) and (message := pane.message()) is not None:
                 out.write(message.log_line())
-                cursor[pane.win] = pane.version
+                cursor[pane.win] = pane.logged = pane.version
     os.replace(tmp, path)
     panes.settle()
     return panes, cursor

@@ -112,17 +112,29 @@ class LinePane:
 
 
 class ReplacePane:
-    """A pane whose latest content replaces the last (image, histograms, text); built lazily, once."""
+    """A pane whose latest content replaces the last (image, histograms, text); built lazily, once.
+
+    `key` (the step) tells a new version from an update of the current one (a histogram pane gets a row
+    at a time): a version replaced by another key before visdom.log got it is kept for the log, so the
+    log has every image, histogram and text the run showed, not only what each send window ended with.
+    """
 
     def __init__(self, win: str) -> None:
         self.win = win
         self.order: Order = order_of(win)
         self.version = 0
+        self.key: object = None
+        self.logged = 0  # the version visdom.log has
+        self.superseded: list[ReplacePane] = []  # versions replaced before the log got them, oldest first
         self._build: Callable[[], Message] | None = None
         self._message: Message | None = None
 
-    def set(self, build: Callable[[], Message]) -> None:
-        self._build, self._message = build, None
+    def set(self, build: Callable[[], Message], key: object = None) -> None:
+        if key is not None and self.key is not None and key != self.key and self.logged != self.version:
+            kept = ReplacePane(self.win)
+            kept._build, kept._message = self._build, self._message
+            self.superseded.append(kept)
+        self._build, self._message, self.key = build, None, key
         self.version += 1
 
     def set_message(self, message: Message) -> None:
@@ -194,10 +206,12 @@ class Panes:
                     messages, cursor[pane.win] = pane.log_changes(self.env, cursor.get(pane.win), settled[pane.win])
                     out += messages
             elif cursor.get(pane.win) != pane.version:
+                out += [m for old in pane.superseded if (m := old.message()) is not None]
+                pane.superseded = []
                 message = pane.message()
                 if message is not None:
                     out.append(message)
-                cursor[pane.win] = pane.version
+                cursor[pane.win] = pane.logged = pane.version
         return out
 
     @staticmethod
