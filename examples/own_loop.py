@@ -31,8 +31,8 @@ with runner.observe(model, optimizer, name="own-loop", task="classify", steps=st
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            obs.log({"out_abs_mean": out.detach().abs().mean()})  # your own scalars (tensors: no sync)
             obs.step(loss=loss, inputs=x, outputs=out, targets=y)
-            obs.log({"out_abs_mean": out.detach().abs().mean()})  # your own scalars: tensors are fine
             step += 1
             if step == steps or obs.should_stop:
                 break

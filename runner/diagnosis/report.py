@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from runner.diagnosis import provenance
 from runner.errors import usage_error
 from runner.procs import proc_table, registry
 
@@ -120,6 +121,7 @@ def build_report(folder: Path) -> dict[str, Any]:
         "profile": sorted(str(p) for p in profile.rglob("*") if p.is_file()) if profile.is_dir() else [],
         "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
         "oom": sorted(str(p) for p in oom.rglob("*") if p.is_file()) if oom.is_dir() else [],
+        "env": provenance.short(env) if (env := provenance.read(folder)) is not None else None,
     }
 
 
@@ -197,6 +199,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"steps: {report['step']}/{total}   throughput: {speed_text}"
                  + (f"   elapsed: {elapsed:,.0f} s" if isinstance(elapsed, (int, float)) else ""))
     lines.append(_time_line(report["time"]))
+    if report.get("env"):
+        lines.append(f"env: {report['env']} (env.json; compare runs with runner diff)")
     peaks = report["memory"].get("peak_bytes") or {}
     shown = ("allocated", "reserved", "peak", "rss", "workers_rss", "gpu_used")
     main = sorted((k for k in peaks if k.split("/")[1] in shown and peaks[k]),

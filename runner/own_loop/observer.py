@@ -130,7 +130,7 @@ class Observer:
                 log.setLevel(logging.WARNING)
             self.window = LogWindow(self.device)
             self.clock = StepClock(self.device)
-            self.timing = StepTiming(self.model, self.optimizer, self.clock)
+            self.timing = StepTiming(self.model, self.optimizer, self.clock, self._after_update)
         except BaseException:
             self._close()
             raise
@@ -224,14 +224,20 @@ class Observer:
         metrics = self.task.metrics(outputs, targets) if outputs is not None and targets is not None else {}
         self.window.add(value * n, metrics, n, torch.isfinite(value), None)
         usable = inputs is not None and outputs is not None and targets is not None
-        self.reporter.observe(self.step_count, self.raw_model, inputs if usable else None, outputs, targets)
+        self.reporter.observe(self.step_count, self.raw_model, inputs if usable else None, outputs, targets,
+                              with_histograms=False)  # taken after the update (_after_update)
         if self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps:
             self._log_point()
         self.clock.enter("data_wait")
 
+    def _after_update(self) -> None:
+        """The optimizer's post-hook: histograms of the step about to be reported, gradients included."""
+        self.reporter.parameter_histograms(self.step_count + 1, self.raw_model)
+
     def log(self, values: dict[str, Any]) -> None:
         """The loop's own scalars (`train/<name>` unless the name has a group, `group/name`); tensors stay
-        on the device, summed until the next log point, where their mean over the window is logged."""
+        on the device, summed until the next log point, where their mean over the window is logged. Call
+        it before `step()`: a value logged after the log point's step counts in the next window."""
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
                 value = value.detach().float().reshape(())

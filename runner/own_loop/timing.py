@@ -5,7 +5,7 @@
     first output's gradient hook   → backward (autograd reached the model: the loss's own backward is tiny)
     end of that backward pass      → other (a callback queued on autograd's engine, after DDP's)
     optimizer step pre-hook        → optimizer
-    optimizer step post-hook       → other (zero_grad and the loop's own bookkeeping)
+    optimizer step post-hook       → telemetry (histograms, with the gradients), then other (zero_grad...)
     obs.step()                     → telemetry, then data_wait until the next forward
 
 So data wait is the gap between steps (it includes the loop's own host→device copy, which cannot be
@@ -15,6 +15,7 @@ Forwards without autograd (an evaluation under no_grad) are not a step's and are
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,8 +36,9 @@ class StepTiming:
     """Forward, backward and optimizer hooks that move `clock` from part to part; `paused` stops them
     (runner's own forward passes: the graph trace)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clock: StepClock) -> None:
-        self.clock = clock
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clock: StepClock,
+                 after_update: Callable[[], None]) -> None:
+        self.clock, self.after_update = clock, after_update
         self.paused = False
         self.handles = [model.register_forward_pre_hook(self._forward),
                         model.register_forward_hook(self._forward_done),
@@ -72,6 +74,8 @@ class StepTiming:
         self.clock.enter("optimizer")
 
     def _optimizer_done(self, *_args: Any) -> None:
+        self.clock.enter("telemetry")
+        self.after_update()  # histograms: the gradients are gone once the loop zeroes them
         self.clock.enter("other")
 
     def remove(self) -> None:

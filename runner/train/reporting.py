@@ -78,7 +78,10 @@ class Reporter:
 
     # --- every step ------------------------------------------------------------------------
 
-    def observe(self, step: int, model: nn.Module, inputs: Any, output: Any, targets: Any) -> None:
+    def observe(self, step: int, model: nn.Module, inputs: Any, output: Any, targets: Any,
+                with_histograms: bool = True) -> None:
+        """The step's memory sample, image grid and histograms (an own loop, whose gradients are gone by
+        then, passes `with_histograms=False` and calls `parameter_histograms` after its update)."""
         cfg, hub = self.cfg, self.hub
         if step % cfg.memory_every == 0 and (self.world > 1 or hub.wants(MemorySample)):
             sample = self.probe.sample()
@@ -90,7 +93,12 @@ class Reporter:
                 and inputs is not None:  # an own loop may give no batch (runner.observe)
             make = grid_event(self.task.grid(inputs, output, targets), step, self.rank)
             self.pending.append(lambda: [make()])
-        if (step % cfg.hist_every == 0 or step == 1) and hub.wants(Histogram):
+        if with_histograms:
+            self.parameter_histograms(step, model)
+
+    def parameter_histograms(self, step: int, model: nn.Module) -> None:
+        """Weights and gradients at their cadence: after the update, while the gradients are still there."""
+        if (step % self.cfg.hist_every == 0 or step == 1) and self.hub.wants(Histogram):
             events = parameter_stats(model, step, self.rank)
             self.pending.append(lambda: without_nonfinite_gradients(events))
 
