@@ -5,7 +5,6 @@ Each returns Verdicts; a failed run's own error comes first in its verdict's rea
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -51,8 +50,7 @@ def streams(ctx: Context, precision: str, timeout: float) -> list[Verdict]:
     main = amend(main, [e for e in (board.error, visdom_error) if e])
     verdicts = [healthy(main, out, ctx.runs / name)]
     if precision == "fp16":
-        report = json.loads(sync_file.read_text()) if sync_file.is_file() else None
-        verdicts.append(explain(judge.syncs("no added syncs", report), out))
+        verdicts.append(explain(judge.syncs("no added syncs", readback.json_dict(sync_file)), out))
         readings = {tag: board.values(tag) for tag in judge.NVML_TAGS}
         verdicts.append(explain(judge.nvml("NVML readings", readings, ctx.total_memory), out))
     return verdicts

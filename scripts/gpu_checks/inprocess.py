@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=4)
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--rows", default="", help="estimates: MODEL,SIZE,BATCH,fp32|amp;... in order")
+    parser.add_argument("--pairs", type=int, default=50, help="overhead: at most this many pairs")
     parser.add_argument("--visdom-url", default="")
     parser.add_argument("--seconds", type=float, default=120.0, help="overhead: start no pair that would end later")
     args = parser.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
         from scripts.gpu_checks import overhead
 
         overhead.measure(args.out, args.device, args.size, args.batch, args.amp, args.visdom_url,
-                         time.monotonic() + args.seconds, args.steps)
+                         time.monotonic() + args.seconds, args.steps, args.pairs)
 
 
 if __name__ == "__main__":

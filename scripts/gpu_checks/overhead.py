@@ -109,13 +109,15 @@ def observed(device: str, size: int, batch: int, amp: bool, visdom_url: str, run
 
 
 def measure(out: Path, device: str, size: int, batch: int, amp: bool, visdom_url: str, deadline: float,
-            steps: int) -> None:
-    """Alternating (bare, runner) pairs until the next pair would pass `deadline`; `out` rewritten after each."""
+            steps: int, pairs: int) -> None:
+    """Alternating (bare, runner) pairs, at most `pairs`, until the next would pass `deadline`; `out` written
+    at once and rewritten after each pair."""
     result: dict[str, Any] = {"window": window(steps), "steps": steps, "pairs": []}
+    out.write_text(json.dumps(result))
     with tempfile.TemporaryDirectory() as tmp:
         bare(device, size, batch, amp, max(12, steps // 3))  # warm-up: kernels, allocator, autotuning, page cache
         index, last = 0, 0.0
-        while time.monotonic() + last < deadline:
+        while index < pairs and time.monotonic() + last < deadline:
             began = time.monotonic()
             times: dict[str, float] = {}
             order = ("bare", "runner") if index % 2 == 0 else ("runner", "bare")

@@ -78,6 +78,15 @@ def visdom_windows(url: str, env: str) -> tuple[dict[str, dict[str, Any]], str]:
     return windows, ""
 
 
+def json_dict(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing, cut short or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def findings(run: Path) -> tuple[list[dict[str, Any]], str]:
     """The run's findings.json records, and "" (or [], why not)."""
     return _json_list(run / "findings.json")

@@ -4,8 +4,6 @@ verdict whatever its read-back found."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -143,7 +141,5 @@ def inprocess(ctx: Context, kind: str, timeout: float, *args: str) -> tuple[dict
     out_file = ctx.work / f"{kind}.json"
     out = execute(ctx, kind, ["-m", "scripts.gpu_checks.inprocess", kind, str(out_file), "--device", ctx.device,
                               *args], timeout)
-    data = None
-    with contextlib.suppress(OSError, ValueError):  # nothing written, or cut short mid-write
-        data = json.loads(out_file.read_text())
+    data = readback.json_dict(out_file)  # None: nothing written, or cut short mid-write
     return data, "" if out.code == 0 else f"exit {out.code}: {error_tail(out.stderr)}"
