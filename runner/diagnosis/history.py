@@ -20,7 +20,7 @@ from runner.telemetry.events import Event, MemorySample, Scalar, Text
 KEEP = 512  # points kept per series: the rules look at recent windows, never at a whole long run
 # Tags the rules read; everything else (weights, per-layer weight norms, metrics) passes by.
 WATCHED = re.compile("^(" + "|".join(re.escape(prefix) for prefix in (tags.TIME, tags.TELEMETRY, tags.NORMS_GRADS,
-                                                                        tags.ESTIMATE)) + "|"
+                                                                        tags.ESTIMATE, tags.VAL)) + "|"
                      + "|".join(re.escape(tag) for tag in (tags.SKIPPED, tags.GRAD_NORM, tags.LOSS, tags.LOSS_MAX,
                                                             tags.LOSS_MAX_STEP, tags.LOSS_MIN, tags.INPUT_PSNR,
                                                             tags.GRAD_GLOBAL, tags.GRAD_GLOBAL_MAX,

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Callable
 
 from runner.diagnosis.evidence import finding, rounded
+from runner.diagnosis.fit_rules import overfitting
 from runner.diagnosis.gradient_rules import exploding_gradients, vanishing_gradients
 from runner.diagnosis.health_rules import diverging, loss_spike, not_learning
 from runner.diagnosis.history import History
@@ -80,7 +81,7 @@ def input_bound(h: History, step: int) -> Finding | None:
     steps = [h.value(step_tag, s) for s in points]
     if any(w is None for w in waits) or any(not s for s in steps):
         return None
-    shares = [w / s for w, s in zip(waits, steps)]
+    shares = [w / s for w, s in zip(waits, steps, strict=True)]
     if min(shares) <= INPUT_BOUND_SHARE:
         return None
     facts, cores = h.facts, h.facts.cores()
@@ -212,7 +213,7 @@ def straggler_rank(h: History, step: int) -> Finding | None:
 
 def dashboard_trouble(h: History, step: int) -> Finding | None:
     dropped = h.series(tags.DROPPED)[-(DROPPED_POINTS + 1):]
-    if len(dropped) == DROPPED_POINTS + 1 and all(b[1] > a[1] for a, b in zip(dropped, dropped[1:])):
+    if len(dropped) == DROPPED_POINTS + 1 and all(b[1] > a[1] for a, b in itertools.pairwise(dropped)):
         by = {tag[len(tags.DROPPED_BY):]: int(v) for tag, v in h.latest(tags.DROPPED_BY).items() if v}
         where = "; ".join(f"{sink} {'coalesced' if kind in COALESCED_KINDS else 'dropped'} {n:,} {kind} events"
                           for (sink, kind), n in ((key.split("/", 1), n) for key, n in sorted(by.items())))
@@ -240,14 +241,14 @@ def dashboard_trouble(h: History, step: int) -> Finding | None:
 
 RULES: tuple[Rule, ...] = (input_bound, unreadable_samples, exploding_gradients, vanishing_gradients,
                            memory_growth, allocator_pressure, straggler_rank, dashboard_trouble,
-                           loss_spike, diverging, not_learning)
+                           loss_spike, diverging, not_learning, overfitting)
 
 
 def _slope(xs: list[int], ys: list[float]) -> float:
     """Least-squares slope of ys over xs."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
 class Rules:
