@@ -12,6 +12,7 @@ from typing import Any
 from runner.diagnosis import provenance
 from runner.errors import usage_error
 from runner.procs import proc_table, registry
+from runner.telemetry import tags
 
 MIB = 1024.0**2
 PARTS = ("data_wait", "h2d", "forward", "backward", "optimizer", "telemetry", "other")
@@ -120,6 +121,7 @@ def build_report(folder: Path) -> dict[str, Any]:
         "dashboards": _dashboards(folder),
         "profile": sorted(str(p) for p in profile.rglob("*") if p.is_file()) if profile.is_dir() else [],
         "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
+        "best": summary.get("texts", {}).get(tags.BEST),  # "best.pt: <monitor> <value> at step <step>"
         "oom": sorted(str(p) for p in oom.rglob("*") if p.is_file()) if oom.is_dir() else [],
         "env": provenance.short(env) if (env := provenance.read(folder)) is not None else None,
     }
@@ -199,6 +201,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"steps: {report['step']}/{total}   throughput: {speed_text}"
                  + (f"   elapsed: {elapsed:,.0f} s" if isinstance(elapsed, (int, float)) else ""))
     lines.append(_time_line(report["time"]))
+    if report.get("best"):
+        lines.append(f"best: {report['best'].removeprefix('best.pt: ')} (checkpoints/best.pt)")
     if report.get("env"):
         lines.append(f"env: {report['env']} (env.json; compare runs with runner diff)")
     peaks = report["memory"].get("peak_bytes") or {}

@@ -67,7 +67,7 @@ class RunSummary:
             for prefix, status in ENDED:
                 if event.text.startswith(prefix):
                     self.status = status
-        elif event.tag in (tags.MEMORY_ESTIMATE, tags.MEMORY_OOM, tags.AUTO_BATCH):
+        elif event.tag in (tags.MEMORY_ESTIMATE, tags.MEMORY_OOM, tags.AUTO_BATCH, tags.BEST):
             self.texts[event.tag] = event.text
 
     def time_breakdown(self) -> dict[str, Any]:
