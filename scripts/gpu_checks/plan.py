@@ -39,7 +39,7 @@ CHECKS: list[Check] = [
           "4 DataLoader workers in both; steady-state steps 50-250 of 300; alternating pairs (goal 1.01×)",
           checks_train.overhead),
     Check("nccl1", "ddp nproc 1 NCCL", 45, "--strategy ddp --nproc 1 --sync-bn: torchrun, NCCL init with device_id, "
-          "SyncBatchNorm, DDP device_ids, gather_object, barriers, teardown", checks_train.nccl_one),
+          "SyncBatchNorm conversion (one rank syncs nothing), DDP device_ids, gather_object, barriers, teardown", checks_train.nccl_one),
     Check("oom", "real OOM at step K", 40, "out of memory from the allocator at step 3 under a budget: exit 1, "
           "memory_summary, a snapshot torch's memory-viz renders, last.pt at step 2", checks_memory.oom_at_step,
           (NEEDS_FRACTION,)),
