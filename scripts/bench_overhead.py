@@ -10,7 +10,8 @@ also has the sinks every run gets whatever --viz says: the console and the diagn
 findings.json, summary.json).
 
 Every row runs in this process: imports, process start-up and set-up (building the model and data
-set, tracing the model graph) are not measured. Measured: from the first step to the last event on disk — for runner, `Trainer.fit`
+set, tracing the model graph) are not measured. Measured: from the first step to the last event on disk
+— for runner, `Trainer.fit`
 (which includes the final checkpoint) plus closing the hub (draining every sink); for the bare loops,
 the loop plus closing the writer. `loop` is `fit` alone. Repetitions alternate between the rows; a
 row's ratio is the median over repetitions of its time divided by the bare loop's time in the same
@@ -163,6 +164,13 @@ def run_runner(run_dir: Path, viz: str, visdom_url: str = "", close_timeout: flo
     finally:
         hub.close(timeout=0)
         trainer.close()
+
+
+def own_loop(run_dir: Path) -> Timing:
+    """The bare loop under runner.observe (scripts/bench_own_loop.py)."""
+    from bench_own_loop import observed
+
+    return Timing(*observed(run_dir, STEPS, BATCH, SIZE, SAMPLES, EVERY))
 
 
 # --- Visdom: a real server, and one that accepts and never answers --------------------------
@@ -367,7 +375,8 @@ def main() -> None:
     global STEPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="alternating repetitions (default 5)")
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"steps per run (default {STEPS}; fewer: a smoke test)")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"steps per run (default {STEPS}; fewer: a smoke test)")
     args = parser.parse_args()
     STEPS = args.steps
     torch.set_num_threads(2)
@@ -379,6 +388,7 @@ def main() -> None:
         rows = [Row("bare PyTorch loop", lambda d: bare(None)),
                 Row("runner --viz none", lambda d: run_runner(d, "none")),
                 Row("runner --viz tensorboard", lambda d: run_runner(d, "tensorboard")),
+                Row("own loop + runner.observe (tensorboard)", own_loop),
                 Row("bare loop + TensorBoard, synchronous", bare)]
         if importable("dashboards.visdom"):
             url = stack.enter_context(visdom_server(workdir))
@@ -433,9 +443,9 @@ def print_table(rows: list[Row], failed: dict[str, str], notes: list[str], repea
         if row.name in failed or len(row.times) != len(base):
             print(f"| {row.name} | failed: {failed.get(row.name, 'incomplete')} | | | | | | |")
             continue
-        ratio = statistics.median(t.total / b.total for t, b in zip(row.times, base))
-        loop_ratio = statistics.median(t.loop / b.loop for t, b in zip(row.times, base))
-        cpu_ratio = statistics.median(t.cpu / b.cpu for t, b in zip(row.times, base))
+        ratio = statistics.median(t.total / b.total for t, b in zip(row.times, base, strict=True))
+        loop_ratio = statistics.median(t.loop / b.loop for t, b in zip(row.times, base, strict=True))
+        cpu_ratio = statistics.median(t.cpu / b.cpu for t, b in zip(row.times, base, strict=True))
         best = min(t.total for t in row.times)
         print(f"| {row.name} | {statistics.median(t.total for t in row.times):.2f} | {ratio:.3f}× | {best:.2f} | "
               f"{best / best_base:.3f}× | {loop_ratio:.3f}× | {cpu_ratio:.3f}× | {max(t.dropped for t in row.times)} |")

@@ -21,7 +21,7 @@ from runner.errors import usage_error
 # `runner train` flags that mean the same for an own loop (the others describe runner's own workload)
 OBSERVE_FIELDS = ("run_dir", "name", "experiment", "viz", "visdom_url", "visdom_port", "log_every", "images_every",
                   "hist_every", "memory_every", "system_every", "graph", "progress", "workers",
-                  "worker_start_method", "stall_timeout", "stall_action")
+                  "worker_start_method", "stall_timeout", "on_stall")
 OPTIMIZER_NAMES = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}
 
 

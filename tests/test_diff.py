@@ -1,0 +1,79 @@
+"""env.json from `runner train`, and `runner diff` on two runs that differ in a flag (without torch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from tests.support.runs import ROOT, Outcome
+
+TINY = ["--image-size", "16", "--no-progress", "--no-graph", "--resume", "never", "--model", "mlp", "--batch-size",
+        "4", "--samples", "32", "--steps", "6", "--log-every", "2", "--viz", "none"]
+
+
+def _diff(*args: str) -> tuple[int, str, str]:
+    from runner.cli import app
+
+    result = CliRunner().invoke(app, ["diff", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _two_runs(cli: Callable[..., Outcome], run_dir: Path) -> None:
+    for name, lr in (("a", "0.001"), ("b", "0.01")):
+        out = cli("train", *TINY, "--lr", lr, "--run-dir", str(run_dir), "--name", name)
+        assert out.code == 0, out.stderr
+
+
+def test_train_writes_env_json_and_diff_shows_what_changed(cli, tmp_path: Path) -> None:
+    _two_runs(cli, tmp_path)
+    env = json.loads((tmp_path / "a" / "env.json").read_text())
+    assert env["config"]["lr"] == 0.001 and env["world_size"] == 1
+    assert env["packages"]["torch"] == env["devices"]["torch"].split("+")[0]
+    assert env["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
+    assert env["host"]["name"] and env["git"]["commit"] and "diff_sha256" in env["git"]
+    assert "--lr" in env["command"]["argv"] or env["command"]["argv"]  # the process's own argv (pytest here)
+
+    findings = tmp_path / "b" / "findings.json"  # B also raised a finding A did not
+    findings.write_text(json.dumps([{"kind": "input_bound", "severity": "warning", "message": "waits for data",
+                                     "evidence": {}, "advice": "", "step": 4, "rank": 0}]))
+    code, out, err = _diff("a", "b", "--run-dir", str(tmp_path), "--json")
+    assert code == 0, err
+    diff = json.loads(out)
+    assert diff["config"] == {"lr": [0.001, 0.01]}  # the flag, and only it (the name is always different)
+    assert diff["code"] == {} and diff["packages"] == {} and diff["hardware"] == {}  # same tree, same machine
+    loss = diff["metrics"]["final"]["train/loss"]
+    assert loss["diff"] == loss["b"] - loss["a"] and loss["a"] > 0
+    assert set(diff["time_ms"]) >= {"step", "forward", "backward", "optimizer", "data_wait"}
+    assert diff["findings"] == {"only_a": {}, "only_b": {"input_bound": {"severity": "warning", "step": 4,
+                                                                         "message": "waits for data"}}}
+    assert diff["metrics"]["best"] == {} or "train/loss" in diff["metrics"]["best"]
+
+    code, text, _ = _diff(str(tmp_path / "a"), str(tmp_path / "b"))  # folders work as well as names
+    assert code == 0
+    assert "lr: 0.001 -> 0.01" in text and "packages: same" in text and "train/loss" in text
+    assert "findings only in B: input_bound at step 4" in text
+    code, _, err = _diff("a", "nope", "--run-dir", str(tmp_path))
+    assert code == 2 and "no run 'nope'" in err
+
+
+def test_diff_does_not_import_torch(cli, tmp_path: Path) -> None:
+    _two_runs(cli, tmp_path)
+    (tmp_path / "b" / "env.json").unlink()  # a run from before env.json: the config comes from config.toml
+    code = ("import sys, time\nstart = time.perf_counter()\nfrom runner.cli import main\n"
+            f"sys.argv = ['runner', 'diff', 'a', 'b', '--json', '--run-dir', {str(tmp_path)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('torch' in sys.modules, round(time.perf_counter() - start, 3), file=sys.stderr)")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    imported, seconds = proc.stderr.split()[-2:]
+    assert imported == "False", proc.stderr
+    print(f"runner diff: {seconds} s in-process, {time.monotonic() - started:.2f} s with interpreter start")
+    diff = json.loads(proc.stdout)
+    assert diff["config"] == {"lr": [0.001, 0.01]} and diff["b"]["env"] is False and diff["packages"] == {}
