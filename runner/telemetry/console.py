@@ -8,7 +8,8 @@ from runner.telemetry import tags
 from runner.telemetry.events import Event, Finding, LogPoint, Scalar, Sink, Text
 
 _SHOWN = {tags.LOSS: "loss {:.4f}", tags.train("accuracy"): "acc {:.3f}", tags.train("psnr"): "psnr {:.2f} dB",
-          tags.SAMPLES_PER_S: "{:.0f} samples/s"}
+          tags.val("loss"): "val loss {:.4f}", tags.val("accuracy"): "val acc {:.3f}",
+          tags.val("psnr"): "val psnr {:.2f} dB", tags.SAMPLES_PER_S: "{:.0f} samples/s"}
 
 
 class ConsoleSink(Sink):
