@@ -180,10 +180,12 @@ def visdom_command(port: int, host: str, env_path: Path, base_url: str, login: b
     return cmd
 
 
-# TensorBoard keeps 10 images and 500 histograms per tag (a random sample) unless told. 10,000 holds
-# every grid and histogram of a 1M-step run at the default cadence (every 100 steps). Not 0: the
-# loader reads it as "keep all", but the image and histogram plugins then ask for 0 of them and show none.
-SAMPLES_PER_PLUGIN = "images=10000,histograms=10000"
+# TensorBoard keeps 1,000 scalars, 10 images and 500 histograms per tag (a random sample) unless told,
+# so a spike in a long run vanishes from its charts (tensorboard#6796, #4047). 10,000 holds every grid
+# and histogram of a 1M-step run at the default cadence (every 100 steps); 10,000,000 every scalar of a
+# 10M-step run logged at every step. Not 0: the loader reads it as "keep all", but the plugins then ask
+# for 0 samples (`_downsample(data, 0)`) and show none.
+SAMPLES_PER_PLUGIN = "scalars=10000000,images=10000,histograms=10000"
 
 
 def tensorboard_command(port: int, host: str, logdir: Path, base_url: str) -> list[str]:
@@ -237,7 +239,8 @@ def _wait_until_answers(server: Server, proc: subprocess.Popen, timeout: float) 
         if answers(server.local_url, timeout=1.0):
             return
         time.sleep(0.1)
-    raise RunnerError(f"{server.kind} did not answer at {server.local_url} within {timeout:.0f} s (see {server.output})")
+    raise RunnerError(f"{server.kind} did not answer at {server.local_url} within {timeout:.0f} s "
+                      f"(see {server.output})")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dashboards.commands import app as dashboards_app
 from runner.cli_errors import run_app
 from runner.config import TrainConfig
 from runner.diagnosis.diff_command import diff as diff_command
+from runner.diagnosis.export_command import export as export_command
 from runner.diagnosis.report_command import report as report_command
 from runner.memory.commands import memory as memory_command
 from runner.procs.commands import cleanup as cleanup_command
@@ -58,6 +59,7 @@ def build_app(train: Callable[[TrainConfig], int]) -> typer.Typer:
     app.command("runs")(runs_command)
     app.command("report")(report_command)
     app.command("diff")(diff_command)
+    app.command("export")(export_command)
     return app
 
 
