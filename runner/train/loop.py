@@ -145,7 +145,9 @@ class Trainer:
         from runner.memory.auto_batch import choose_batch_size
 
         if self.strategy.is_writer:  # ranks must agree: each epoch has to give all of them the same steps
-            share = max(1, len(self.dataset) // self.strategy.world_size)  # the samples one rank sees an epoch
+            # the samples one rank sees per micro-batch slot of an epoch: an epoch must give every step
+            # its --accumulate batches; memory holds one micro-batch at a time, which is what is sized
+            share = max(1, len(self.dataset) // self.strategy.world_size // self.cfg.accumulate)
             self.batch_search = choose_batch_size(self.cfg, self.raw_model, self.input_shape, self.device, share)
         return int(self.strategy.broadcast(self.batch_search.chosen if self.batch_search else 0))
 
