@@ -67,7 +67,7 @@ class Group:
 GROUPS: tuple[Group, ...] = (
     Group("loss", "loss and optimiser", (
         Pane("loss", (r"train/loss", r"val/loss", r"train/loss_(max|min)")),  # train and validation together
-        Pane("gradient norm, every step", (r"norms/grad_(global|global_max|layer_max)",)),  # beside the loss
+        Pane("gradient norm, every step", (r"norms/grad_(global|global_max|global_min|layer_max)",)),  # beside the loss
         Pane("learning rate", (r"train/lr",)),
         Pane("gradient norm (all layers)", (r"train/grad_norm", r"train/clip_norm")),
         Pane("clipped steps", (r"train/clipped_share",), "share of steps"),

@@ -35,7 +35,8 @@ def window(loss: float, loss_max: float | None = None, at: int = 0, grad: float 
 
 
 def test_spike_in_the_first_window_with_a_gradient_jump() -> None:
-    first = window(6.5e6, loss_max=6.5e7, at=5, grad=1e5, grad_max=1e6) | {tags.LOSS_MIN: 2.37}
+    first = window(6.5e6, loss_max=6.5e7, at=5, grad=5e5, grad_max=4.5e6) | {tags.LOSS_MIN: 2.37,
+                                                                           tags.GRAD_GLOBAL_MIN: 3.0}
     later = [(s, window(2.33, at=s - 3, **{tags.train("accuracy"): 0.1})) for s in range(20, 70, 10)]
     layer = Text(tag=tags.GRAD_LAYER_MAX_NAME, step=10, text="features.0.weight")
     found = by_kind(run([(10, first), *later], (layer,)))

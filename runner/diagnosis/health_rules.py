@@ -25,7 +25,7 @@ from runner.telemetry.events import Finding
 SPIKE_FACTOR = 10.0
 SPIKE_HISTORY = 8
 # A gradient-norm jump goes with it when the window's largest global norm is 10× the recent median
-# of the windows' mean norms (or, at the first log point, 10× this window's own mean).
+# of the windows' mean norms (or, at the first log point, 10× this window's smallest).
 GRAD_JUMP_FACTOR = 10.0
 
 # diverging: the mean loss rising at 4 log points in a row to at least twice where it started, or,
@@ -72,7 +72,7 @@ def loss_spike(h: History, step: int) -> Finding | None:
         return None
     grad_max = h.value(tags.GRAD_GLOBAL_MAX, step)
     grads_before = [v for s, v in h.series(tags.GRAD_GLOBAL) if s < step and math.isfinite(v)][-SPIKE_HISTORY:]
-    usual_grad = statistics.median(grads_before) if grads_before else h.value(tags.GRAD_GLOBAL, step)
+    usual_grad = statistics.median(grads_before) if grads_before else h.value(tags.GRAD_GLOBAL_MIN, step)
     jump = bool(grad_max and usual_grad and grad_max >= GRAD_JUMP_FACTOR * usual_grad)
     evidence = {"step": int(at), "loss": significant(peak), "median": significant(median), "log_point": step,
                 "grad_norm_max": significant(grad_max) if grad_max is not None else None,
@@ -87,7 +87,7 @@ def loss_spike(h: History, step: int) -> Finding | None:
         advice = (f"the gradient norm did not jump: look at the batch of step {int(at)} (extreme values, "
                   "wrong labels, a corrupt file); if it recurs, " + _lr_advice(h))
     return finding("loss_spike", "warning", step,
-                   f"the loss spiked to {peak:.4g} at step {int(at)}, {peak / median:.0f}× its recent median "
+                   f"the loss spiked to {peak:.4g} at step {int(at)}, {peak / median:,.0f}× its recent median "
                    f"{median:.4g}" + (" with a gradient-norm jump" if jump else ""), evidence, advice)
 
 

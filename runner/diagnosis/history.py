@@ -23,7 +23,7 @@ WATCHED = re.compile("^(" + "|".join(re.escape(prefix) for prefix in (tags.TIME,
                                                                         tags.ESTIMATE, tags.VAL)) + "|"
                      + "|".join(re.escape(tag) for tag in (tags.SKIPPED, tags.GRAD_NORM, tags.LOSS, tags.LOSS_MAX,
                                                             tags.LOSS_MAX_STEP, tags.LOSS_MIN, tags.INPUT_PSNR,
-                                                            tags.GRAD_GLOBAL, tags.GRAD_GLOBAL_MAX,
+                                                            tags.GRAD_GLOBAL, tags.GRAD_GLOBAL_MAX, tags.GRAD_GLOBAL_MIN,
                                                             tags.GRAD_LAYER_MAX, tags.train("accuracy"),
                                                             tags.train("psnr"))) + "$)")
 START_TEXT = re.compile(r" on (?P<device>\S+), (?P<strategy>\w+) x(?P<world>\d+), batch (?P<batch>\d+), "

@@ -38,6 +38,7 @@ CLIPPED_SHARE = "train/clipped_share"  # --clip-grad-norm: the window's share of
 # Gradient norms measured at every step (runner/train/grad_norms.py), read at log points:
 GRAD_GLOBAL = "norms/grad_global"  # the global gradient norm, mean over the window's finite steps
 GRAD_GLOBAL_MAX = "norms/grad_global_max"  # its largest value in the window
+GRAD_GLOBAL_MIN = "norms/grad_global_min"  # its smallest value in the window
 GRAD_LAYER_MAX = "norms/grad_layer_max"  # the largest per-parameter gradient norm in the window
 GRAD_LAYER_MAX_NAME = "norms/grad_layer_max_name"  # Text: that parameter's name, when it changes
 LOSS_MAX = "train/loss_max"  # the window's largest finite step loss (a spike the mean hides)
@@ -127,6 +128,7 @@ MEMORY_OOM = "memory_oom"  # Text: an out-of-memory retry or post-mortem
 PROFILE = "profile"  # Text: where a --profile trace was written
 MODEL = "model"  # Graph: the traced model and its layer table
 FINDINGS = "findings"  # Finding
+STALL_FINDINGS = "findings/stall"  # Finding of the stall watch (another process, which prints it itself)
 HPARAMS = "hparams"  # HParams
 MEMORY_SAMPLE = "memory"  # MemorySample: one step's readings (see `reading`)
 LOG_POINT = "log_point"  # LogPoint: closes a log point

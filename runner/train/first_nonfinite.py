@@ -3,10 +3,10 @@ cost after the failure, none before).
 
 Which step: under --on-nan skip the loss is checked at every step, before the optimizer step, so the
 step is re-run exactly (its batch, the weights it saw). Under --on-nan stop the loss is only read at
-the log point, when the failed steps have already updated the weights with NaN gradients (every
-module would look guilty); there the last batch of the window (a reference, no copy) is re-run on the
-last good weights, those of the last checkpoint, which the run is about to stop at anyway. Without a
-checkpoint yet, the weights it has are used only when they are still finite.
+the log point; no update from a non-finite step was applied meanwhile (`step_health`'s gate), so the
+weights in memory are those the first non-finite step saw, and its batch was kept: it is re-run
+exactly too, whatever --log-every. Only without the gate (fp16 under GradScaler) is the window's
+last batch re-run on the last checkpoint's weights, or on the weights in memory while they are finite.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runner.data import Batch
 from runner.errors import RunnerError
 from runner.telemetry.events import Finding
 from runner.telemetry.hub import Hub
 from runner.train import checkpoint
+from runner.train.step import Micro
 
 log = logging.getLogger("runner")
 
@@ -87,15 +87,29 @@ class FirstNonfinite:
         hub.emit(finding)
         return finding.message
 
-    def before_stop(self, hub: Hub, batch: Batch | None, device: torch.device, step: int) -> str:
-        """--on-nan stop: re-run the window's last batch on the last checkpoint's weights."""
-        if batch is None or not self._ready(hub):
+    def before_stop(self, hub: Hub, kept: tuple[int, list[Micro]] | None, device: torch.device, step: int,
+                    first_bad: int, intact: bool) -> str:
+        """--on-nan stop: re-run the first non-finite step (`first_bad`; 0: not known) with the batches
+        `kept` for it. `intact`: the weights in memory are those it saw; else the last checkpoint's."""
+        if kept is None or not self._ready(hub):
             return ""
-        weights = last_good_weights(self.model, self.ckpt_path)
+        at, micros = kept
+        if intact:
+            weights = f"the weights step {first_bad or at} saw (no update from a non-finite step was applied)"
+            if first_bad and at != first_bad:
+                weights += f", with the batch of step {at} (the batch of step {first_bad} was no longer kept)"
+        else:
+            weights = last_good_weights(self.model, self.ckpt_path)
         if weights is None:
             finding = weights_lost(step, self.rank)
         else:
-            finding = locate(self.model, batch.inputs.to(device), batch.targets.to(device), self.loss_fn,
-                             self.autocast, step, self.rank, weights)
+            finding = None
+            for micro in (m for m in micros if not m.stand_in):
+                finding = locate(self.model, micro.batch.inputs.to(device), micro.batch.targets.to(device),
+                                 self.loss_fn, self.autocast, first_bad or step, self.rank, weights)
+                if finding.evidence.get("where") != "not reproduced":
+                    break
+            if finding is None:
+                return ""
         hub.emit(finding)
         return finding.message

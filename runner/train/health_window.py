@@ -3,7 +3,7 @@
 The log point's mean loss hides a spike inside its window, and gradient norms measured only at
 histogram steps miss a blow-up between them. So each step adds, on the device and without a sync:
 the window's largest and smallest finite loss (and the step of the largest), the global gradient
-norm (mean and largest over finite steps), the largest per-parameter gradient norm and its index,
+norm (mean, largest and smallest over finite steps), the largest per-parameter gradient norm and its index,
 the step of the first non-finite loss or gradient, and for denoising the PSNR of the noisy input
 itself (what the output must beat). The vector travels with the log window's one all-reduce and
 `.tolist()`: each rank writes its values at its own offset of a zero vector, so the sum over ranks is
@@ -21,8 +21,8 @@ from runner.telemetry import tags
 from runner.train.grad_norms import GradNorms
 
 FIELDS = ("loss_max", "loss_max_step", "loss_min", "grad_sum", "grad_steps", "grad_max", "layer_max",
-          "layer_index", "psnr_in_sum", "psnr_in_count", "first_bad_step")
-_START = {"loss_max": -math.inf, "loss_min": math.inf}  # the rest start at 0
+          "layer_index", "psnr_in_sum", "psnr_in_count", "first_bad_step", "grad_min")
+_START = {"loss_max": -math.inf, "loss_min": math.inf, "grad_min": math.inf}  # the rest start at 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class HealthWindow:
         """Whether this window already had a non-finite step (a device bool)."""
         return self.values[FIELDS.index("first_bad_step")] > 0
 
+    def first_bad_here(self) -> int:
+        """This rank's first non-finite step of the window (a sync: on the way to a stop only)."""
+        return int(self.values[FIELDS.index("first_bad_step")])
+
     def add(self, step: int, loss: torch.Tensor, finite: torch.Tensor, norms: GradNorms | None,
             psnr_input: torch.Tensor | None = None) -> None:
         """One step: `finite` is whether its loss and gradient norm were finite (device bool);
@@ -63,6 +67,7 @@ class HealthWindow:
             v[3] += torch.where(good, total, 0.0)
             v[4] += good.float()
             v[5] = torch.maximum(v[5], torch.where(good, total, 0.0))
+            v[11] = torch.minimum(v[11], torch.where(good, total, math.inf))
             layer, index = norms.largest()
             larger = good & (layer > v[6])
             v[7] = torch.where(larger, index.float(), v[7])
@@ -94,6 +99,7 @@ class HealthWindow:
         if first["grad_steps"]:
             scalars[tags.GRAD_GLOBAL] = first["grad_sum"] / first["grad_steps"]
             scalars[tags.GRAD_GLOBAL_MAX] = first["grad_max"]
+            scalars[tags.GRAD_GLOBAL_MIN] = first["grad_min"]
             scalars[tags.GRAD_LAYER_MAX] = first["layer_max"]
             layer = self.layer_names[int(first["layer_index"])] if self.layer_names else ""
         count = sum(r["psnr_in_count"] for r in ranks)

@@ -30,6 +30,7 @@ class Totals:
     skipped: float  # unreadable samples since the start of the run
     stops: float  # ranks that have seen a stop request
     metrics: dict[str, float] = field(default_factory=dict)  # the task's metric sums over samples
+    extra: list[float] = field(default_factory=list)  # the `extra` vector summed over ranks (health_window)
 
 
 class LogWindow:
@@ -71,7 +72,7 @@ class LogWindow:
         return bool(self.sums[2] > 0)
 
     def reduce(self, strategy: Strategy, skipped: int, stop_requested: bool,
-               amp_scale: torch.Tensor | None) -> Totals:
+               amp_scale: torch.Tensor | None, extra: torch.Tensor | None = None) -> Totals:
         """Sum over ranks (the log point's sync), then start a new window. `amp_scale`: GradScaler's
         scale as a device tensor, read in the same sync (averaged over ranks). Every rank has the same
         metric names (a stand-in step adds zeros under the task's names)."""
@@ -80,7 +81,8 @@ class LogWindow:
         host = torch.tensor([float(skipped), float(stop_requested)], device=device)
         names = sorted(self.metrics)
         metrics = [self.metrics[name].reshape(1) for name in names]
-        values = strategy.all_reduce_sum(torch.cat([self.sums, *metrics, scale, host])).tolist()
+        more = [extra.float()] if extra is not None else []  # summed as it is: its owner lays it out per rank
+        values = strategy.all_reduce_sum(torch.cat([self.sums, *metrics, *more, scale, host])).tolist()
         self.sums.zero_()
         for value in self.metrics.values():
             value.zero_()
@@ -92,5 +94,7 @@ class LogWindow:
         fields_[3] /= world  # every rank skips the same updates (their gradients are all-reduced)
         for index in (4, 5, 6):  # every rank clips the same all-reduced gradients: one rank's view
             fields_[index] /= world
+        start = len(DEVICE_FIELDS) + len(names)
         return Totals(*fields_, amp_scale=scale_sum / world, skipped=skipped_sum, stops=stops,
-                      metrics=dict(zip(names, metric_sums, strict=True)))
+                      metrics=dict(zip(names, metric_sums, strict=True)),
+                      extra=values[start:start + len(more[0])] if more else [])

@@ -26,6 +26,7 @@ from runner.models import build_model
 from runner.optim import amp_dtype, make_optimizer, make_scaler
 from runner.probes.memory import MemoryProbe
 from runner.probes.sync_debug import SyncDebug
+from runner.procs import heartbeat
 from runner.procs.signals import StopRequested, deferred
 from runner.tasks import make_task
 from runner.telemetry import tags
@@ -39,6 +40,7 @@ from runner.train.schedule import make_scheduler
 from runner.train.stand_in import stand_in_batch
 from runner.train.step import Micro, StepRunner
 from runner.train.step_clock import StepClock
+from runner.train.step_health import StepHealth
 from runner.train.strategy import Strategy
 
 log = logging.getLogger("runner")
@@ -95,7 +97,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(self.device.type, cfg.amp, cfg.amp_dtype)
         self.scaler = make_scaler(self.device.type, cfg.amp, cfg.amp_dtype)
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay,
-                                        fused=self.scaler is not None)  # no sync per step under GradScaler
+                                        fused=True)  # no sync per step under GradScaler; step_health's gate
         if cfg.amp and self.scaler is None:
             log.info("amp on %s: %s autocast, no GradScaler", self.device.type, self.amp_dtype)
         self.sampler = strategy.sampler(self.dataset, cfg.seed)
@@ -117,7 +119,9 @@ class Trainer:
         self.skipped = 0  # unreadable samples
         self.amp_skipped = 0  # steps whose update GradScaler skipped
         self.nonfinite_in_a_row = 0  # --on-nan skip
-        self.last_batch: Batch | None = None  # a reference (no copy): DDP stand-in, NaN re-run
+        self.last_batch: Batch | None = None  # a reference (no copy): DDP stand-in
+        self.health = StepHealth(self.raw_model, self.optimizer, self.scaler, self.device, cfg.resolved_task,
+                                 cfg.on_nan)  # gradient norms, the non-finite gate, the health window
         self.nonfinite = first_nonfinite.FirstNonfinite(self.raw_model, self.task.loss, self._autocast, self.ckpt_path,
                                                         self.rank)
         self.resumed_from: Path | None = None
@@ -188,12 +192,14 @@ class Trainer:
 
     def save_checkpoint(self, name: str = "last.pt") -> None:
         """Rank 0 writes last.pt (or best.pt) atomically; every rank waits so an immediate load is safe."""
-        if self.strategy.is_writer:
-            progress = checkpoint.Progress(self.step, self.skipped, self.amp_skipped, self.best.value, self.best.step)
-            checkpoint.save(checkpoint.build_state(self.raw_model, self.optimizer, self.scaler, progress,
-                                                   config_io.dumps(self.cfg), self.scheduler),
-                            self.ckpt_path.with_name(name))
-        self.strategy.barrier()
+        with heartbeat.phase("checkpoint"):  # a long phase for the stall watch and the collective timeout
+            if self.strategy.is_writer:
+                progress = checkpoint.Progress(self.step, self.skipped, self.amp_skipped, self.best.value,
+                                               self.best.step)
+                checkpoint.save(checkpoint.build_state(self.raw_model, self.optimizer, self.scaler, progress,
+                                                       config_io.dumps(self.cfg), self.scheduler),
+                                self.ckpt_path.with_name(name))
+            self.strategy.barrier()
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -302,7 +308,8 @@ class Trainer:
         cfg = self.cfg
         self.phase = "compute"
         done = self.runner.compute(micros, self.clock, self._first_step_probe)
-        finite = done.finite
+        self.clock.enter("telemetry")
+        finite = self.health.measure(done)  # the loss and the global gradient norm finite (device bool)
         if cfg.on_nan == "skip" and self._nonfinite_anywhere(finite):  # one sync per step, only in skip mode
             self.nonfinite.at_step(self.hub, done.inputs, done.targets, self.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
@@ -315,11 +322,14 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.phase = "update"  # an error from here on may leave the weights half-updated
         self.clock.enter("optimizer")
-        amp_skipped, clip = self.runner.update()
+        with self.health.gate(finite):  # no update from a non-finite step
+            amp_skipped, clip = self.runner.update(self.health.norms.total if self.health.norms else None)
         self.step += 1
+        heartbeat.set_step(self.step)
         self.phase = "observe"
         self.clock.enter("telemetry")
         window.add(done.loss_sum, done.metrics, done.samples, finite, amp_skipped, clip)
+        self.health.record(self.step, done, finite, micros)
         self.reporter.observe(self.step, self.raw_model, done.inputs, done.output, done.targets)
         if self.profiler is not None:
             self._profiled(self.profiler.after_step(self.step))
@@ -333,13 +343,13 @@ class Trainer:
             self.clock.enter("other")
             with self.sync_debug.outside_steady_state(self.step):
                 if cfg.on_nan == "stop" and window.any_nonfinite(self.strategy):
-                    self._stop_nonfinite()
+                    self._stop_nonfinite(self.health.window.first_bad_here())
                 self.save_checkpoint()
 
     def _evaluate(self) -> None:
         """Evaluate on the validation set (its time apart from the steps'), emit, and write best.pt
         when the --monitor tag improved. The one call site of an evaluation."""
-        with self.clock.apart(), self.sync_debug.outside_steady_state(self.step):
+        with self.clock.apart(), heartbeat.phase("evaluation"), self.sync_debug.outside_steady_state(self.step):
             result = self.evaluator.run(self.raw_model, self.step, self.reporter.wants_grid())
             self.reporter.evaluation(result)
             if self.best.offer({**self.last_scalars, **result.values}, self.step):
@@ -366,12 +376,17 @@ class Trainer:
         live, self.live_estimate = self.live_estimate, None
         return live.measure(inputs, targets) if live is not None else contextlib.nullcontext()
 
-    def _stop_nonfinite(self) -> None:
-        """--on-nan stop: name where the NaN starts (see first_nonfinite), then stop."""
-        found = self.nonfinite.before_stop(self.hub, self.last_batch, self.device, self.step)
+    def _stop_nonfinite(self, first_bad: int) -> None:
+        """--on-nan stop: name where the NaN starts (see first_nonfinite); with the weights intact (the
+        gate applied no non-finite update) checkpoint them as of the step before it; then stop."""
+        kept, intact = self.health.for_rerun(first_bad)
+        found = self.nonfinite.before_stop(self.hub, kept, self.device, self.step, first_bad, intact)
+        if intact and first_bad:
+            self.step = first_bad - 1  # the state is the last finite one: a resume goes on from the failing step
+            self.save_checkpoint()
         raise NonFiniteLoss(
-            f"loss became NaN/inf before step {self.step}{'; ' + found if found else ''}; stopped (last good "
-            f"checkpoint: {self.ckpt_path}). Lower --lr, check the data, or pass --on-nan skip")
+            f"loss became NaN/inf at step {first_bad or self.step}{'; ' + found if found else ''}; stopped (last "
+            f"good checkpoint: {self.ckpt_path}). Lower --lr, check the data, or pass --on-nan skip")
 
     # --- out of memory -------------------------------------------------------------------
 
@@ -407,16 +422,19 @@ class Trainer:
         steps = window.steps
         self.clock.enter("other")  # the sync waits for the device (and the other ranks): not telemetry's time
         totals = window.reduce(self.strategy, self.skipped, self.should_stop() is not None,
-                               self.scaler.scale(self.runner.one) if self.scaler is not None else None)
+                               self.scaler.scale(self.runner.one) if self.scaler is not None else None,
+                               self.health.window.for_reduce(self.rank, self.strategy.world_size))
+        health = self.health.window.read(totals.extra, self.strategy.world_size)
         self.clock.enter("telemetry")
         times = self.clock.window(steps)  # after the sync: every CUDA event of the window has completed
         if totals.stops and self.agreed_stop is None:
             self.agreed_stop = self.should_stop() or "a stop request on another rank"
         if totals.nonfinite and self.cfg.on_nan == "stop":
-            self._stop_nonfinite()
+            self._stop_nonfinite(health.first_bad_step)
+        self.health.new_window()
         self.amp_skipped += round(totals.amp_skipped)
         self.reporter.log_point(self.step, steps, totals, times, self.optimizer.param_groups[0]["lr"],
-                                self.amp_skipped, totals.amp_scale if self.scaler is not None else None)
+                                self.amp_skipped, totals.amp_scale if self.scaler is not None else None, health)
         self.probe.reset_peak()
 
     # --- start and end -------------------------------------------------------------------
@@ -426,6 +444,8 @@ class Trainer:
         text = (f"training {self.cfg.model} ({params:,} parameters) on {self.device}, "
                 f"{self.strategy.name} x{self.strategy.world_size}, batch {self.batch_size}, "
                 f"steps {self.step}→{self.total_steps}")
+        if self.cfg.resolved_task == "classify":  # the chance level of the not-learning finding
+            text += f", {len(getattr(self.dataset, 'classes', [])) or self.cfg.num_classes} classes"
         self.live_estimate = self.reporter.start(self.step, text, self.resumed_from, self.batch_search,
                                                  self.raw_model, self.input_shape, self.batch_size)
 

@@ -38,6 +38,7 @@ from runner.telemetry.events import (
 )
 from runner.telemetry.hub import Hub
 from runner.train.evaluate import Evaluation
+from runner.train.health_window import Health
 from runner.train.log_window import Totals
 from runner.train.strategy import Strategy
 
@@ -58,6 +59,7 @@ class Reporter:
         self.pending: list[Callable[[], list[Event]]] = []  # made at the next log point
         self.memory_window: list[tuple[int, dict[str, float]]] = []
         self.last_scalars: dict[str, float] = {}
+        self.grad_layer = ""  # the parameter with the largest gradient norm, as last sent
         self.graph: Graph | None = None
         self.unreadable_named = 0
 
@@ -86,7 +88,8 @@ class Reporter:
         if step % cfg.memory_every == 0 and (self.world > 1 or hub.wants(MemorySample)):
             sample = self.probe.sample()
             if hub.active:
-                hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=self.rank, values=sample, world_size=self.world))
+                hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=self.rank, values=sample,
+                                      world_size=self.world))
             if self.world > 1:
                 self.memory_window.append((step, sample))
         if (step % cfg.images_every == 0 or step == 1) and hub.wants(ImageGrid) and hasattr(self.task, "grid") \
@@ -105,8 +108,9 @@ class Reporter:
     # --- log points ------------------------------------------------------------------------
 
     def log_point(self, step: int, steps: int, totals: Totals, times: dict[str, float], lr: float,
-                  amp_skipped: int, amp_scale: float | None) -> None:
-        """Emit the window's scalars (after the window's reduction, whose sync landed every copy)."""
+                  amp_skipped: int, amp_scale: float | None, health: Health | None = None) -> None:
+        """Emit the window's scalars (after the window's reduction, whose sync landed every copy);
+        `health`: the window's loss extremes and gradient norms (step_health), and the largest layer."""
         everyone = self._gather(step, times)
         mean = {key: sum(t[key] for t in everyone) / len(everyone) for key in times}
         samples = max(totals.samples, 1.0)
@@ -124,6 +128,8 @@ class Reporter:
             values[tags.CLIP_NORM] = totals.grad_norm / totals.clip_steps
             values[tags.CLIPPED_SHARE] = totals.clipped / totals.clip_steps
         values.update({tags.time_ms(part): mean[part] for part in (*tags.TIME_PARTS, "step")})
+        if health is not None:
+            values.update(health.scalars)
         if self.world > 1:
             values.update(self._per_rank(everyone))
         values.update(self.hub.health())
@@ -133,6 +139,9 @@ class Reporter:
             return
         for tag, value in values.items():
             self.hub.emit(Scalar(tag=tag, step=step, rank=self.rank, value=value))
+        if health is not None and health.layer and health.layer != self.grad_layer:  # the name only when it changes
+            self.grad_layer = health.layer
+            self.hub.emit(Text(tag=tags.GRAD_LAYER_MAX_NAME, step=step, rank=self.rank, text=health.layer))
         pending, self.pending = self.pending, []
         for make in pending:
             for event in make():
@@ -152,7 +161,8 @@ class Reporter:
             if rank == self.rank:
                 continue  # rank 0 emitted its own live
             for step, values in samples:
-                self.hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=rank, values=values, world_size=len(gathered)))
+                self.hub.emit(MemorySample(tag=tags.MEMORY_SAMPLE, step=step, rank=rank, values=values,
+                                           world_size=len(gathered)))
         key = "allocated" if self.strategy.device.type == "cuda" else "rss"
         latest = [samples[-1][1][key] for samples, _ in gathered if samples]
         if latest:

@@ -105,16 +105,21 @@ class StepRunner:
             done.inputs, done.output, done.targets = inputs, output, targets
         return done
 
-    def update(self) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    def update(self, norm: torch.Tensor | None = None) -> tuple[torch.Tensor | None,
+                                                              tuple[torch.Tensor, torch.Tensor] | None]:
         """Clip (with --clip-grad-norm), step, and advance the learning-rate schedule. Returns, as
         device tensors read at the next log point: under GradScaler whether it skipped the update
         (inf/NaN gradients; the scale, read as `scale(1)` without a sync, drops only then), and with
-        clipping (pre-clip norm, clipped?)."""
+        clipping (pre-clip norm, clipped?). `norm`: the step's global gradient norm, already measured
+        (runner/train/step_health.py measures it every step), so clipping does not measure it again."""
         clip = None
         if self.clip_grad_norm > 0:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            if norm is None:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.clip_grad_norm, norm)
             self.last_grad_norm = norm
             clip = (norm, norm > self.clip_grad_norm)
         if self.scaler is None:
