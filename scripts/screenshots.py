@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def free_port() -> int:
@@ -64,7 +64,7 @@ def main() -> None:
             runner("train", "--run-dir", str(runs), "--name", "demo", "--viz", "both", "--visdom-port", str(vis),
                    "--model", "tinyunet", "--image-size", "32", "--batch-size", "8", "--samples", "256",
                    "--steps", str(args.steps), "--log-every", "5", "--images-every", "50", "--hist-every", "50",
-                   "--no-progress")
+                   "--val-split", "0.2", "--eval-every", "10", "--no-progress")  # train and val curves together
             env = "tinyunet-synthetic_demo"  # <experiment>_<run>: the experiment is <model>-<data>
             shoot(f"http://127.0.0.1:{vis}/env/{env}", out / "visdom.png", ".window img", 1600, 1500, 3000)
             shoot(f"http://127.0.0.1:{tb}/#custom_scalars", out / "tensorboard.png", "text=process RSS (bytes)",
