@@ -72,7 +72,7 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = "auto"  # under --amp; auto: fp16 + GradScaler on CUDA, bf16 on CPU
     lr_schedule: str = "constant"
-    warmup_steps: int = 0  # linear warm-up from lr/WARMUP_START_FACTOR before the schedule
+    warmup_steps: int = 0  # linear warm-up from 1 % of lr before the schedule (runner/train/schedule.py)
     min_lr: float = 0.0  # where cosine ends; the floor of step
     clip_grad_norm: float = 0.0  # 0: no clipping
     accumulate: int = 1  # micro-batches per optimizer step

@@ -100,7 +100,7 @@ class StepRunner:
             with torch.no_grad():
                 for name, value in self.task.metrics(output.detach() if torch.is_tensor(output) else output,
                                                      targets).items():
-                    value = value * 0.0 if micro.stand_in else value  # same names on every rank, no count
+                    value = torch.zeros_like(value) if micro.stand_in else value  # same names on every rank
                     done.metrics[name] = done.metrics[name] + value if name in done.metrics else value
             done.inputs, done.output, done.targets = inputs, output, targets
         return done
