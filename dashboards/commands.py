@@ -21,7 +21,9 @@ _VISDOM_PORT = typer.Option(8097, "--visdom-port", envvar="RUNNER_VISDOM_PORT", 
 
 
 @app.command("install-assets")
-def install_assets(force: bool = typer.Option(False, "--force", help="Fetch and copy again even if installed.")) -> None:
+def install_assets(
+    force: bool = typer.Option(False, "--force", help="Fetch and copy again even if installed."),
+) -> None:
     """Install Visdom's JS/CSS/fonts from the npm registry so its server works offline."""
     from dashboards import visdom_assets
 
@@ -43,7 +45,8 @@ def up(
     visdom_port: int = _VISDOM_PORT,
     base_url: str = typer.Option("", help="Path prefix behind a reverse proxy, e.g. /dash: TensorBoard is served "
                                          "under /dash/tensorboard, Visdom under /dash/visdom."),
-    public: bool = typer.Option(False, "--public", help="Allow TensorBoard (no authentication) on a non-loopback host."),
+    public: bool = typer.Option(False, "--public",
+                                help="Allow TensorBoard (no authentication) on a non-loopback host."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for both servers to answer."),
 ) -> None:
     """Start TensorBoard and Visdom in the background (if not already running) and print where they are."""

@@ -50,7 +50,7 @@ class EventFile:
         log_dir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_FILE_NUMBER)}"
         self.path = log_dir / name
-        self._file = open(self.path, "wb", buffering=1 << 16)
+        self._file = open(self.path, "wb", buffering=1 << 16)  # noqa: SIM115 (open for the writer's life; close())
         self._flush_secs = flush_secs
         self._next_flush = time.monotonic() + flush_secs
         self.add(Event(wall_time=time.time(), step=purge_step or 0, file_version="brain.Event:2"))

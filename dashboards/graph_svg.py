@@ -45,7 +45,8 @@ def _short_shape(shape: str) -> str:
 
 
 def _module_path(node: GraphNode) -> list[tuple[str, str]]:
-    """(type, name) of each module scope above the op: `UNet/Sequential[enc1]/Conv2d[0]/x` → [(Sequential, enc1), (Conv2d, 0)]."""
+    """(type, name) of each module scope above the op:
+    `UNet/Sequential[enc1]/Conv2d[0]/x` → [(Sequential, enc1), (Conv2d, 0)]."""
     path = []
     for part in node.name.split("/")[1:-1]:
         match = _SCOPE.match(part)
@@ -212,7 +213,8 @@ def render(boxes: list[Box], edges: list[tuple[int, int]], title: str) -> str:
         parents[dst].append(src)
     slot: dict[int, float] = {}
     for lay in sorted(rows):  # order each layer by the mean slot of its parents (barycenter)
-        members = sorted(rows[lay], key=lambda i: (sum(slot.get(p, 0) for p in parents[i]) / max(len(parents[i]), 1), i))
+        members = sorted(rows[lay],
+                         key=lambda i: (sum(slot.get(p, 0) for p in parents[i]) / max(len(parents[i]), 1), i))
         for j, i in enumerate(members):
             slot[i] = j - (len(members) - 1) / 2
         rows[lay] = members

@@ -87,7 +87,7 @@ class VisdomSink(Sink):
         self.panes, self.logged = Panes(env), {}
         if start_step > 0 and self.log_path.is_file():  # resume: what the env had up to the resumed step
             self.panes, self.logged = rewrite_log(self.log_path, env, start_step)
-        self._log = open(self.log_path, "a" if start_step > 0 else "w", encoding="utf-8")
+        self._log = open(self.log_path, "a" if start_step > 0 else "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._scalars: dict[str, Appends] = {}
         self._memory: dict[tuple[str, int, int], Trace] = {}
         self.run_text, self.findings = RunText(env), FindingsText()
@@ -146,7 +146,7 @@ class VisdomSink(Sink):
         for key, value in event.values.items():
             trace = self._memory.get((key, event.rank, event.world_size))
             if trace is None:
-                tag = dict(zip(event.values, event.series()))[key]  # the dashboard name of this reading
+                tag = dict(zip(event.values, event.series(), strict=True))[key]  # the dashboard name of this reading
                 trace = self._memory[(key, event.rank, event.world_size)] = self._line(tag)
             trace.add(event.step, value)
 

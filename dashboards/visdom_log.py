@@ -65,7 +65,7 @@ def _apply(panes: Panes, endpoint: str, msg: dict[str, Any]) -> None:
         pane = panes.panes.get(win)
         if not isinstance(pane, LinePane):
             pane = panes.panes[win] = LinePane(win, win)
-        for name, trace in zip(_names(msg), data):
+        for name, trace in zip(_names(msg), data, strict=False):  # one `name` for a one-trace append
             pane.get(name).extend(trace["x"], trace["y"])
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 
-def make_optimizer(name: str, params: Any, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float,
+                   fused: bool = False) -> torch.optim.Optimizer:
     """sgd, momentum (SGD, 0.9), adam, adamw. `fused` (CUDA parameters only): one kernel for the whole
     update, and under GradScaler the skip of an inf/NaN step happens inside it; GradScaler's generic
     path reads `found_inf` with a host sync at every step."""

@@ -55,7 +55,7 @@ class Task(Protocol):
 
 def label_caption(prefix: str, labels: list[list[int]]) -> str:
     """A grid's caption completed with the host copy of its labels: `pred/true: 3/3 1/7 …`."""
-    return " ".join([prefix, *(f"{p}/{t}" for p, t in zip(*labels))])
+    return " ".join([prefix, *(f"{p}/{t}" for p, t in zip(*labels, strict=True))])
 
 
 class ClassifyTask:

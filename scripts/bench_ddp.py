@@ -112,7 +112,7 @@ def main() -> None:
     print("| launch | wall (s) | ratio to bare |")
     print("|---|---|---|")
     for name, times in rows.items():
-        ratio = statistics.median(t / b for t, b in zip(times, base))
+        ratio = statistics.median(t / b for t, b in zip(times, base, strict=True))
         print(f"| {name} | {statistics.median(times):.2f} | {ratio:.3f} |")
 
 

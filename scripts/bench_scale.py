@@ -278,7 +278,8 @@ def main() -> None:
             for conn in held:
                 conn.close()
         rate = f"at most {args.step_rate:,.0f} steps/s" if args.step_rate else "as fast as the feed goes"
-        print(f"{args.steps:,} steps × ({args.tags} scalars + a memory sample), histograms of {args.params} tensors and "
+        print(f"{args.steps:,} steps × ({args.tags} scalars + a memory sample), "
+              f"histograms of {args.params} tensors and "
               f"an image grid every {args.every} steps; {rate}\n")
         print(table(results))
         if args.json:

@@ -24,7 +24,6 @@ from runner.procs.run_tag import TAG_ENV
 from tests.support.proc_runs import (
     BLOCKING,
     EXIT,
-    ROOT,
     STARTUP,
     TINY,
     child_env,
@@ -38,6 +37,7 @@ from tests.support.proc_runs import (
     wait_for,
 )
 from tests.support.procs import MARKERS_ENV, marked
+from tests.support.runs import ROOT
 
 # --- runner cleanup after the worst: supervisor and trainer SIGKILLed -----------------------------
 

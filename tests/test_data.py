@@ -92,8 +92,8 @@ def test_missing_data_is_a_usage_error(data: str, fragment: str, tmp_path: Path,
 
 
 def test_user_dataset_by_import_path(tmp_path: Path, cli) -> None:
-    out = cli("train", "--model", "tinyunet", "--data", "tests.support.models:pairs", "--task", "denoise", "--steps", "3",
-              "--run-dir", str(tmp_path), "--name", "u", *TINY)
+    out = cli("train", "--model", "tinyunet", "--data", "tests.support.models:pairs", "--task", "denoise",
+              "--steps", "3", "--run-dir", str(tmp_path), "--name", "u", *TINY)
     assert out.code == 0, out.stderr
 
 

@@ -59,7 +59,7 @@ def _free_port() -> int:
 
 def _params(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, weights_only=True)
-    return state["model"] if "model" in state else state
+    return state.get("model", state)
 
 
 def _events(run: Path):
@@ -298,7 +298,7 @@ def test_every_ranks_memory_reaches_rank_0s_event_file(tmp_path: Path) -> None:
         assert [e.step for e in events.Scalars(f"memory/rss/rank{rank}")] == [1, 2, 3, 4, 5, 6]
     low, high = events.Scalars("memory/ranks_rss_min"), events.Scalars("memory/ranks_rss_max")
     assert [e.step for e in low] == [3, 6]
-    assert all(0 < lo.value <= hi.value for lo, hi in zip(low, high))
+    assert all(0 < lo.value <= hi.value for lo, hi in zip(low, high, strict=True))
     assert [e.step for e in events.Scalars("memory/ranks_rss_skew")] == [3, 6]
     assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
 

@@ -16,7 +16,7 @@ from runner.probes.sync_debug import ENV, MESSAGE, SyncDebug
 
 
 def _sync() -> None:
-    warnings.warn(f"{MESSAGE} (Triggered internally at c10/cuda/CUDAFunctions.cpp:154.)", UserWarning)
+    warnings.warn(f"{MESSAGE} (Triggered internally at c10/cuda/CUDAFunctions.cpp:154.)", UserWarning, stacklevel=1)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_counts_steady_state_log_points_and_other_threads(monkeypatch: pytest.Mo
         _sync()
     with warnings.catch_warnings(record=True) as shown:  # other warnings still reach the user
         warnings.simplefilter("always")
-        warnings.warn("something else", UserWarning)
+        warnings.warn("something else", UserWarning, stacklevel=1)
     with debug.outside_steady_state(30):
         pass
     debug.close()

@@ -119,7 +119,7 @@ def test_largest_fitting_doubles_then_bisects() -> None:
     for limit in (0, 1, 2, 3, 5, 64, 100, 1000, 5000):
         asked: list[int] = []
 
-        def fits(batch: int) -> bool:
+        def fits(batch: int, asked: list[int] = asked, limit: int = limit) -> bool:
             asked.append(batch)
             return batch <= limit
 
@@ -260,7 +260,8 @@ def test_oom_retry_mid_epoch_goes_on_from_the_same_sample(cli, tmp_path: Path, m
     batches of 2 from sample 8 of the same order."""
     served = tmp_path / "served.txt"
     monkeypatch.setenv(INDEX_LOG, str(served))
-    out = cli(*_oom_args(tmp_path, "mid", "--oom", "retry", "--steps", "5", "--data", "tests.support.memory:indexed_dataset"))
+    out = cli(*_oom_args(tmp_path, "mid", "--oom", "retry", "--steps", "5",
+                         "--data", "tests.support.memory:indexed_dataset"))
     assert out.code == 0, out.stderr
     acc = _events(tmp_path / "mid")
     assert _text(acc, "memory_oom") == ["out of memory at step 3 with batch 4: going on with batch 2 (--oom retry)"]

@@ -200,7 +200,8 @@ def test_a_gradscaler_skipped_update_is_counted_and_not_plotted(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """GradScaler on CPU, as --amp gives on CUDA: step 3's gradients are inf, so its update is skipped
     (the scale halves); the loop counts it without a per-step sync and plots no inf histogram."""
-    trainer = _trainer(tmp_path, monkeypatch, model="tests.support.models:inf_gradient", steps=6, log_every=2, hist_every=1)
+    trainer = _trainer(tmp_path, monkeypatch, model="tests.support.models:inf_gradient", steps=6, log_every=2,
+                       hist_every=1)
     trainer.scaler = torch.amp.GradScaler("cpu")
     recorder = Recorder()
     assert _fit(trainer, recorder) == 0
@@ -229,8 +230,9 @@ def test_hparams_open_at_the_start_and_close_with_the_status(tmp_path: Path,
 
 @pytest.mark.parametrize("on_nan", ["skip", "stop"])
 def test_the_first_nonfinite_value_is_located(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_nan: str) -> None:
-    """skip: the failing step is re-run as it was; stop: the window's last batch on the last checkpoint."""
-    model = "tests.support.models:nan_in_the_middle" if on_nan == "skip" else "tests.support.models:nan_in_the_middle_from_5"
+    """skip: the failing step is re-run as it was; stop: the first failing step (5), on the weights it saw
+    (no non-finite update was applied) with its batch."""
+    model = "tests.support.models:" + ("nan_in_the_middle" if on_nan == "skip" else "nan_in_the_middle_from_5")
     trainer = _trainer(tmp_path, monkeypatch, model=model, steps=8, log_every=2, checkpoint_every=4, on_nan=on_nan)
     recorder = Recorder()
     if on_nan == "skip":
@@ -242,7 +244,8 @@ def test_the_first_nonfinite_value_is_located(tmp_path: Path, monkeypatch: pytes
     assert len(findings) == 1
     assert findings[0].kind == "first_nonfinite" and findings[0].evidence["module"] == "encoder.faulty"
     assert findings[0].evidence["where"] == "forward"
-    expected = "the weights the step saw" if on_nan == "skip" else "the weights of the last checkpoint (step 4)"
+    expected = ("the weights the step saw" if on_nan == "skip" else
+                "the weights step 5 saw (no update from a non-finite step was applied)")
     assert findings[0].evidence["weights"] == expected
 
 

@@ -212,7 +212,8 @@ def test_hung_server_does_not_stall_training(tmp_path: Path) -> None:
     waited for the server (a send on the training thread would hold that step for the link's read timeout)."""
     from dashboards.visdom_link import READ_TIMEOUT
 
-    args = ["--model", "tests.support.visdom_server:slow_model", "--steps", "25", "--log-every", "1", "--checkpoint-every", "100"]
+    args = ["--model", "tests.support.visdom_server:slow_model", "--steps", "25", "--log-every", "1",
+            "--checkpoint-every", "100"]
     with HungServer() as hung:
         code, err = _train(tmp_path, "hung", hung.url, *args)
     assert code == 0, err

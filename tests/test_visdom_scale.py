@@ -77,7 +77,7 @@ def test_server_panes_stay_small_and_the_log_keeps_every_point(tmp_path: Path) -
     assert len(line(windows["learning rate"])["lr"][0]) <= CAP
     xs, ys = logged(log, "loss", "loss")  # the log: every point, exact to 7 digits
     assert xs == list(range(1, STEPS + 1))
-    assert all(math.isclose(y, _value(x), rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(xs, ys))
+    assert all(math.isclose(y, _value(x), rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(xs, ys, strict=True))
     saved = tmp_path / "envs" / "long_run.json"
     assert saved.stat().st_size < 1_000_000  # two traces of at most CAP points
     assert all(len(t["x"]) <= CAP for w in json.loads(saved.read_text())["jsons"].values()

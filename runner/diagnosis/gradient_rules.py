@@ -65,7 +65,8 @@ def exploding_gradients(h: History, step: int) -> Finding | None:
         return None
     ratio, name, value, usual = worst
     growing = sum(1 for n, v in now.items() if not math.isfinite(v) or v >= EXPLODE_FACTOR * _usual(norms[n], last))
-    evidence = {"layer": name, "step": last, "grad_norm": significant(value), "usual_norm": significant(usual), "ratio": significant(ratio),
+    evidence = {"layer": name, "step": last, "grad_norm": significant(value), "usual_norm": significant(usual),
+                "ratio": significant(ratio),
                 "median_layer_norm": significant(median_now), "layers_exploding": growing, "layers": len(now),
                 "lr": h.facts.config.get("lr"), "optimizer": h.facts.config.get("optimizer")}
     size = "is not finite" if not math.isfinite(value) else f"is {value:.3g}, {ratio:.0f}× its usual {usual:.3g}"

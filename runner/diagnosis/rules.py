@@ -8,6 +8,7 @@ The rules see the writer rank's event stream only, on the diagnosis sink's threa
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 from collections.abc import Callable
@@ -114,7 +115,8 @@ def unreadable_samples(h: History, step: int) -> Finding | None:
     if share <= UNREADABLE_SHARE:
         return None
     files = h.unreadable[:5]
-    evidence = {"step": step, "skipped": int(skipped), "loaded": int(loaded), "share": rounded(share, 4), "files": files}
+    evidence = {"step": step, "skipped": int(skipped), "loaded": int(loaded), "share": rounded(share, 4),
+                "files": files}
     named = f" (e.g. {', '.join(files[:3])})" if files else ""
     return finding("unreadable_samples", "warning", step,
                     f"{int(skipped)} of {int(loaded)} samples loaded so far ({100 * share:.1f} %) were unreadable "
@@ -168,8 +170,10 @@ def allocator_pressure(h: History, step: int) -> Finding | None:
     slack = [v["reserved"] - v.get("peak", v.get("allocated", 0.0)) for _, v in last]
     over = [v["reserved"] / max(v.get("peak", v.get("allocated", 0.0)), 1.0) for _, v in last]
     if len(last) == RESERVED_POINTS and min(slack) >= RESERVED_SLACK_BYTES and min(over) >= RESERVED_OVER_PEAK:
-        evidence = {"steps": [s for s, _ in last], "reserved_mib": [rounded(v["reserved"] / tags.MIB, 1) for _, v in last],
-                    "peak_allocated_mib": [rounded(v.get("peak", v.get("allocated", 0.0)) / tags.MIB, 1) for _, v in last],
+        evidence = {"steps": [s for s, _ in last],
+                    "reserved_mib": [rounded(v["reserved"] / tags.MIB, 1) for _, v in last],
+                    "peak_allocated_mib": [rounded(v.get("peak", v.get("allocated", 0.0)) / tags.MIB, 1)
+                                           for _, v in last],
                     "estimate_mib": estimate}
         return finding("allocator_pressure", "warning", step,
                         f"the CUDA cache holds {min(over):.1f}× the peak allocation ({min(slack) / tags.MIB:.0f} MiB "

@@ -7,7 +7,8 @@ then a steady-state step) with cuDNN autotuning on, as in training, so that its 
 out-of-memory error (`postmortem.is_out_of_memory`: the allocator's, cuDNN's or cuBLAS's) means "does
 not fit", and memory is freed before the next trial. The search never goes past the batch at which
 a tensor would hold 2^31 elements (32-bit indexing in many kernels: other errors, not "out of
-memory"), nor past a per-process memory cap's reach (the allocator enforces it). Elsewhere a trial compares the estimate with a memory budget (--memory-budget,
+memory"), nor past a per-process memory cap's reach (the allocator enforces it). Elsewhere a trial
+compares the estimate with a memory budget (--memory-budget,
 default half the available RAM); there the estimate is all there is, so the choice is also lowered
 until its estimate stays within 80% of the budget (headroom in memory, not only in samples). The
 search goes up to cap / 0.8, so that 80% of the largest batch can still reach the cap (the dataset

@@ -5,7 +5,8 @@ by saved-tensor hooks, exact for the real batch, precision and device); the othe
 the model and optimizer. Saved-tensor hooks are thread-local and nn.DataParallel runs each replica's
 forward in a thread of its own, so the hooks are also pushed from a forward pre-hook on the raw
 module (replicas share its hook tables) in whichever thread runs it; only tensors on the run's
-device are counted, the device whose memory the plots show (under DataParallel: replica 0's share). The events carry the run's start step, so the estimate sits at the start
+device are counted, the device whose memory the plots show (under DataParallel: replica 0's share).
+The events carry the run's start step, so the estimate sits at the start
 of the memory plots: Text `memory_estimate` (the table), scalars `memory/estimate_<part>` and
 `memory/estimate_total`.
 """

@@ -18,6 +18,7 @@ torch_shm_manager.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from runner.procs import proc_table
@@ -26,6 +27,9 @@ from runner.procs.registry import RunRecord
 from runner.procs.run_tag import ROOT_ENV, TAG_ENV, parse_root
 
 NEVER_COMMS = ("torch_shm_manager",)
+# Untagged, unregistered processes that are left-overs by their role alone, once their parent is gone.
+ORPHAN_RULES = {"worker": "DataLoader worker whose trainer is gone", "forkserver": "forkserver whose owner is gone",
+                "tracker": "resource tracker whose owner is gone", "rank": "torchrun rank whose agent is gone"}
 
 
 @dataclass
@@ -93,18 +97,20 @@ def _gone(proc: Proc, parent: Proc | None) -> bool:
     return bool(proc.exe) and (parent is None or parent.is_zombie or parent.exe != proc.exe)
 
 
-def find_candidates(table: dict[int, Proc], runs: list[RunRecord], boot: str, caller: int) -> list[Candidate]:
-    """Every candidate in `table`, with its reason; never-rules applied."""
-    uid = os.getuid()
-    mine = {pid: p for pid, p in table.items() if p.uid == uid and not p.is_kernel_thread and not p.is_zombie}
-    known = _Runs(runs, boot)
+def _run_tags(mine: dict[int, Proc], known: _Runs) -> dict[int, str]:
+    """pid → the run its environment is tagged with; each tag also tells `known` its run's root."""
     tags: dict[int, str] = {}
     for pid, proc in mine.items():
         run_id = proc.environ.get(TAG_ENV)
         if run_id:
             tags[pid] = run_id
             known.note_tag(run_id, parse_root(proc.environ.get(ROOT_ENV)))
+    return tags
 
+
+def _protected(table: dict[int, Proc], mine: dict[int, Proc], tags: dict[int, str], known: _Runs, boot: str,
+               caller: int) -> set[int]:
+    """Never candidates: init and the caller's ancestors, NEVER_COMMS, and whatever belongs to a live run."""
     protected = set(proc_table.ancestors(table, caller)) | {1}
     protected |= {pid for pid, p in mine.items() if p.comm in NEVER_COMMS}
     protected |= {pid for pid, run_id in tags.items() if known.live(run_id)}
@@ -113,7 +119,28 @@ def find_candidates(table: dict[int, Proc], runs: list[RunRecord], boot: str, ca
             protected |= {r.pid for r in run.procs if r.alive(boot)}
     for root in known.roots():
         protected |= {root, *proc_table.descendants(table, root)}
+    return protected
 
+
+def _orphans_by_role(table: dict[int, Proc], mine: dict[int, Proc],
+                     untagged: set[int]) -> Iterator[tuple[int, str, str]]:
+    """(pid, role, reason) of each untagged process that ORPHAN_RULES and a gone parent make a left-over."""
+    for pid in untagged:
+        proc = mine[pid]
+        role = inferred_role(proc)
+        rule = ORPHAN_RULES.get(role)
+        parent = _logical_parent(proc, table)
+        if rule and _gone(proc, parent):
+            yield pid, role, f"{rule} (now under {parent.comm if parent else '?'} {parent.pid if parent else ''})"
+
+
+def find_candidates(table: dict[int, Proc], runs: list[RunRecord], boot: str, caller: int) -> list[Candidate]:
+    """Every candidate in `table`, with its reason; never-rules applied."""
+    uid = os.getuid()
+    mine = {pid: p for pid, p in table.items() if p.uid == uid and not p.is_kernel_thread and not p.is_zombie}
+    known = _Runs(runs, boot)
+    tags = _run_tags(mine, known)
+    protected = _protected(table, mine, tags, known, boot, caller)
     found: dict[int, Candidate] = {}
 
     def add(pid: int, role: str, run_id: str | None, reason: str) -> None:
@@ -123,24 +150,14 @@ def find_candidates(table: dict[int, Proc], runs: list[RunRecord], boot: str, ca
     for run in known.by_id.values():
         if known.live(run.id) is False:
             root = f"{run.root_role()} {run.root[0]}" if run.root else "root"
-            for record in run.procs:
-                if record.alive(boot):
-                    add(record.pid, record.role, run.id, f"{record.role} of run {run.id}, whose {root} is gone")
+            for record in (r for r in run.procs if r.alive(boot)):
+                add(record.pid, record.role, run.id, f"{record.role} of run {run.id}, whose {root} is gone")
     for pid, run_id in tags.items():
         if known.live(run_id) is False:
             add(pid, inferred_role(mine[pid]), run_id, f"tagged with run {run_id}, whose root process is gone")
-    for pid, proc in mine.items():
-        if pid in tags or pid in found:
-            continue
-        role = inferred_role(proc)
-        rule = {"worker": "DataLoader worker whose trainer is gone", "forkserver": "forkserver whose owner is gone",
-                "tracker": "resource tracker whose owner is gone", "rank": "torchrun rank whose agent is gone"}.get(role)
-        parent = _logical_parent(proc, table)
-        if rule and _gone(proc, parent):
-            add(pid, role, None, f"{rule} (now under {parent.comm if parent else '?'} {parent.pid if parent else ''})")
-    for pid in list(found):
-        origin = found[pid]
-        for child in proc_table.descendants(table, pid):
-            if child in mine:
-                add(child, inferred_role(mine[child]), origin.run_id, f"descendant of {pid} ({origin.role})")
+    for pid, role, reason in _orphans_by_role(table, mine, untagged=mine.keys() - tags.keys() - found.keys()):
+        add(pid, role, None, reason)
+    for pid, origin in list(found.items()):
+        for child in (c for c in proc_table.descendants(table, pid) if c in mine):
+            add(child, inferred_role(mine[child]), origin.run_id, f"descendant of {pid} ({origin.role})")
     return sorted(found.values(), key=lambda c: (c.proc.start, c.proc.pid))

@@ -141,7 +141,7 @@ def table_text(found: Plan) -> str:
                 for r in process_rows(found)]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
         for row in [header, *rows]:
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+            lines.append("  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]))
     else:
         lines.append("no left-over processes")
     if found.leaks:

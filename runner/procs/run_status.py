@@ -69,4 +69,5 @@ def table_text(found: list[RunStatus]) -> str:
     lines = [(s.run.id, s.run.name, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.run.created)),
               str(s.run.root[0]) if s.run.root else "-", s.status) for s in found]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in [header, *lines])
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]])
+                     for row in [header, *lines])

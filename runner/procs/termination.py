@@ -12,6 +12,7 @@ Each phase: SIGTERM, wait up to `grace` seconds, SIGKILL what is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -62,10 +63,8 @@ def open_pidfd(pid: int, start: int) -> int | None:
 
 
 def _send(fd: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(fd, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _wait_gone(fds: dict[int, Target], deadline: float) -> None:

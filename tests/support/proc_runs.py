@@ -13,7 +13,7 @@ from pathlib import Path
 
 from runner.procs import proc_table, registry
 from tests.support.procs import MARKERS_ENV, marked
-from tests.support.runs import ROOT, child_pythonpath
+from tests.support.runs import child_pythonpath
 
 TINY = ["--image-size", "8", "--batch-size", "4", "--steps", "1000", "--viz", "none",
         "--no-progress", "--resume", "never", "--device", "cpu"]

@@ -2,8 +2,8 @@
 with a slow step, and a bare DataLoader script (no runner around it) to make orphans with.
 
 Imported by import path (`tests.support.procs:blocking_dataset`) from runs the tests start with the
-repository root on PYTHONPATH; the bare script runs as `python -m tests.support.procs`. Blocked processes leave a file `<kind>-<pid>` in $PROCS_TEST_MARKERS so a test knows when
-to strike.
+repository root on PYTHONPATH; the bare script runs as `python -m tests.support.procs`. Blocked processes
+leave a file `<kind>-<pid>` in $PROCS_TEST_MARKERS so a test knows when to strike.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def bare_loader(start_method: str, workers: int, guard: bool) -> None:
     from runner.procs.worker_guard import guarded_worker_init
 
     loader = DataLoader(BlockingDataset(8, 1, block_after=4), batch_size=2, num_workers=workers,
-                        multiprocessing_context=start_method, worker_init_fn=guarded_worker_init(None) if guard else None)
+                        multiprocessing_context=start_method,
+                        worker_init_fn=guarded_worker_init(None) if guard else None)
     mark("main")
     for _ in loader:
         pass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dashboards import servers
 
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def free_port() -> int:
@@ -116,7 +116,7 @@ def logged(log: Path, win: str, series: str) -> tuple[list[int], list[float | No
         if endpoint == "events":
             xs, ys = [], []
         names = [msg["name"]] if msg.get("name") else [t.get("name") for t in msg["data"]]
-        for name, trace in zip(names, msg["data"]):
+        for name, trace in zip(names, msg["data"], strict=False):  # one `name` for a one-trace append
             if name == series:
                 xs += trace["x"]
                 ys += trace["y"]
