@@ -271,6 +271,20 @@ def test_recorded_failures_reach_every_verdict(tmp_path: Path, kind: str) -> Non
     assert f"XDG_STATE_HOME={ctx.work / 'state'}" in cmd and "--run-dir" in cmd  # the registry in the work folder
 
 
+def test_a_child_past_its_budget_ends_with_everything_it_started(tmp_path: Path) -> None:
+    import psutil
+
+    ctx = runs.Context(work=tmp_path, gpus=1, total_memory=GiB,
+                       python=["bash", "-c", "(sleep 313.5 &); echo started >&2; sleep 313.5"])
+    began = time.monotonic()
+    out = runs.execute(ctx, "slow", [], timeout=2)
+    assert out.code == 124 and out.stderr.startswith("started") and "timed out after 2 s" in out.stderr
+    assert time.monotonic() - began < 10
+    time.sleep(0.5)
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "313.5"]]
+    assert left == []  # the grandchild too: nothing holds the GPU into the next check
+
+
 def test_guarded_readback_of_what_a_failed_run_never_wrote(tmp_path: Path) -> None:
     assert readback.board(tmp_path / "none").error.startswith("no TensorBoard event file")
     windows, error = readback.visdom_windows("http://127.0.0.1:9", "env")

@@ -4,7 +4,9 @@ verdict whatever its read-back found."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from scripts.gpu_checks.verdict import Verdict, amend
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
 TAIL_CHARS = 500  # of a run's stderr, in a verdict's reason
+GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a child past its budget
 
 
 @dataclass
@@ -78,11 +81,14 @@ def execute(ctx: Context, label: str, args: list[str], timeout: float, env: dict
     stem = ctx.log_files(label)
     cmd = [*ctx.python, *args]
     began = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ctx.env(),
+                            cwd=ROOT, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env or ctx.env(), timeout=timeout, cwd=ROOT)
-        out = Outcome(proc.returncode, proc.stdout, proc.stderr)
-    except subprocess.TimeoutExpired as exc:
-        out = Outcome(124, _text(exc.stdout), _text(exc.stderr) + f"\n(timed out after {timeout:.0f} s)")
+        stdout, stderr = proc.communicate(timeout=timeout)
+        out = Outcome(proc.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _end_group(proc)
+        out = Outcome(124, stdout, stderr + f"\n(timed out after {timeout:.0f} s)")
     record(stem, cmd, env or ctx.env(), out, time.monotonic() - began)
     ctx.last = out
     return out
@@ -97,8 +103,18 @@ def record(stem: Path, cmd: list[str], env: dict[str, str], out: Outcome, second
     stem.with_suffix(".stderr").write_text(out.stderr)
 
 
-def _text(data: bytes | str | None) -> str:
-    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+def _end_group(proc: subprocess.Popen) -> tuple[str, str]:
+    """A child past its budget, with everything it started (trainer, workers, torchrun ranks): SIGTERM to
+    its process group (runner checkpoints and exits), SIGKILL after GRACE s. Nothing may outlive a check
+    and hold GPU memory during the next one. What it printed."""
+    for sig, wait in ((signal.SIGTERM, GRACE), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            return proc.communicate(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return "", "(the child did not end after SIGKILL)"
 
 
 def runner(ctx: Context, label: str, args: list[str], timeout: float, env: dict[str, str] | None = None) -> Outcome:
