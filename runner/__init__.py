@@ -2,7 +2,9 @@
 
 from typing import Any
 
-__version__ = "0.1.0"
+from runner.version import __version__
+
+__all__ = ["__version__", "observe"]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import typer
 
-import runner
 from dashboards.commands import app as dashboards_app
 from runner.cli_errors import run_app
 from runner.config import TrainConfig
@@ -19,12 +18,14 @@ from runner.diagnosis.report_command import report as report_command
 from runner.memory.commands import memory as memory_command
 from runner.procs.commands import cleanup as cleanup_command
 from runner.procs.commands import runs as runs_command
+from runner.procs.commands import stacks as stacks_command
 from runner.train_command import make_train_command
+from runner.version import __version__
 
 
 def _version(value: bool) -> None:
     if value:
-        print(f"runner {runner.__version__}")
+        print(f"runner {__version__}")
         raise typer.Exit()
 
 
@@ -58,6 +59,7 @@ def build_app(train: Callable[[TrainConfig], int]) -> typer.Typer:
     app.command("cleanup")(cleanup_command)
     app.command("runs")(runs_command)
     app.command("report")(report_command)
+    app.command("stacks")(stacks_command)
     app.command("diff")(diff_command)
     app.command("export")(export_command)
     return app

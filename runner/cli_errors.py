@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import typer
 
@@ -18,7 +18,7 @@ from runner.errors import RunnerError
 # Click documents `BadParameter` as a subclass of `UsageError`, the class of every command-line mistake.
 # Typer re-exports `BadParameter` publicly (click's own before typer 0.26, its vendored copy since), so its
 # base is the usage-error class of whichever click typer runs on, with no import of click or its private copy.
-USAGE_ERROR: type[Exception] = typer.BadParameter.__base__
+USAGE_ERROR = cast(type[Exception], typer.BadParameter.__base__)
 
 
 def report(message: str) -> None:

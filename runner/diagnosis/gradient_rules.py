@@ -98,12 +98,12 @@ def vanishing_gradients(h: History, step: int) -> Finding | None:
         if len(usual) < GRAD_MIN_HISTORY or statistics.median(usual) < NEGLIGIBLE_SHARE:
             continue
         typical = statistics.median(usual)
-        now = [by_step.get(s) for s in recent]
-        if all(v is not None and v < VANISH_FACTOR * typical for v in now):
-            evidence = {"layer": name, "steps": recent, "share_of_median_layer": [significant(v) for v in now],
+        lately = [by_step[s] for s in recent if s in by_step]
+        if len(lately) == len(recent) and all(v < VANISH_FACTOR * typical for v in lately):
+            evidence = {"layer": name, "steps": recent, "share_of_median_layer": [significant(v) for v in lately],
                         "usual_share": significant(typical)}
             return finding("vanishing_gradients", "warning", step,
-                            f"the gradient of {name} fell to {now[-1]:.2g} of the median layer's "
+                            f"the gradient of {name} fell to {lately[-1]:.2g} of the median layer's "
                             f"(usually {typical:.2g}) at the last {len(recent)} histogram steps", evidence,
                             "check for saturating activations or a dead path before that layer (ReLU that never "
                             "fires, a sigmoid/tanh in saturation); normalisation or residual connections help")

@@ -128,7 +128,7 @@ def collect(config: dict[str, Any], world_size: int, extra: dict[str, Any] | Non
 
 
 def _runner_version() -> str:
-    from runner import __version__
+    from runner.version import __version__
 
     return __version__
 

@@ -78,9 +78,9 @@ def input_bound(h: History, step: int) -> Finding | None:
     points = list(h.steady)[-INPUT_BOUND_POINTS:]
     if len(points) < INPUT_BOUND_POINTS:
         return None
-    waits = [h.value(wait_tag, s) for s in points]
-    steps = [h.value(step_tag, s) for s in points]
-    if any(w is None for w in waits) or any(not s for s in steps):
+    waits = [w for s in points if (w := h.value(wait_tag, s)) is not None]
+    steps = [t for s in points if (t := h.value(step_tag, s))]  # neither missing nor 0
+    if len(waits) < len(points) or len(steps) < len(points):
         return None
     shares = [w / s for w, s in zip(waits, steps, strict=True)]
     if min(shares) <= INPUT_BOUND_SHARE:
@@ -193,7 +193,7 @@ def straggler_rank(h: History, step: int) -> Finding | None:
             return None
         own = {r: sum(p.get(r, 0.0) for p in parts) for r in sorted(ranks)}
         step_ms = h.value(tags.STEP_MS, s) or max(h.ranked("step", s).values(), default=0.0)
-        slow = max(own, key=own.get)
+        slow = max(own, key=lambda r: own[r])
         gap = own[slow] - statistics.median(v for r, v in own.items() if r != slow)
         if gap < max(STRAGGLER_MIN_MS, STRAGGLER_SHARE * step_ms):
             return None

@@ -45,7 +45,7 @@ class Plan:
 
 def _run_ids(scope: Scope, runs: list[registry.RunRecord], candidates: list[Candidate]) -> set[str]:
     ids = {run.id for run in runs if scope.run in (run.id, run.name)}
-    ids |= {c.run_id for c in candidates if c.run_id == scope.run}
+    ids |= {c.run_id for c in candidates if c.run_id is not None and c.run_id == scope.run}
     if not ids:
         raise usage_error(f"no run {scope.run!r} in the registry or among left-over processes (see `runner runs`)")
     return ids

@@ -14,9 +14,10 @@ def gpu_memory_by_pid(nvml: Any = None) -> dict[int, int]:
     """pid → bytes of GPU memory over every device; {} when NVML is unavailable."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             return {}
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError:
