@@ -3,13 +3,16 @@ the schedule across a resume, the overfitting finding, a user's own task, --comp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from runner.diagnosis.report import build_report, render
 from runner.diagnosis.rules import Rules
+from runner.diagnosis.summary import RunSummary
 from runner.telemetry import tags
 from runner.telemetry.events import Event, Finding, ImageGrid, Scalar, Sink, Text
 from runner.telemetry.hub import Hub
@@ -71,6 +74,11 @@ def test_evaluation_streams_val_values_and_best_pt_follows_the_monitor(tmp_path:
     assert _state(checkpoints / "last.pt")["best"] == [pytest.approx(best_value), best_step]
     notes = [e.text for e in rec.events if isinstance(e, Text) and e.tag == tags.BEST]
     assert notes[-1] == f"best.pt: val/loss {best_value:.6g} at step {best_step}"
+    summary = RunSummary("run", str(tmp_path / "run"))
+    for event in rec.events:
+        summary.add(event)
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary.to_dict([])))
+    assert f"best: val/loss {best_value:.6g} at step {best_step}" in render(build_report(tmp_path / "run"))
     # the evaluation's time stays out of the step's: the parts still add up to the step time
     step_ms = rec.scalars(tags.STEP_MS)[-1][1]
     parts = sum(rec.scalars(tags.time_ms(p))[-1][1] for p in tags.TIME_PARTS)
