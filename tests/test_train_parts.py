@@ -156,3 +156,21 @@ def test_two_rank_evaluation_gives_the_sums_of_one_process(tmp_path: Path) -> No
     assert one["values"].keys() == two["values"].keys() == {"val/loss", "val/accuracy"}
     for tag, value in one["values"].items():
         assert math.isclose(value, two["values"][tag], rel_tol=1e-6), tag
+
+
+class _Broken(nn.Module):
+    """Fails at its first call, as torch.compile does when inductor finds no C++ compiler."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("InvalidCxxCompiler: No working C compiler found in cpp_builder.py\nmore detail")
+
+
+def test_a_compile_failure_is_a_one_line_error() -> None:
+    from runner.errors import RunnerError
+    from runner.train.compiled import warm_up
+
+    dataset = SyntheticClassify(4, 1, 4, 3, seed=0)
+    with pytest.raises(RunnerError) as failed:
+        warm_up(_Broken(), _Broken(), ClassifyTask(), dataset, 2, torch.device("cpu"), contextlib.nullcontext, False)
+    assert failed.value.code == 2 and "\n" not in str(failed.value)
+    assert "InvalidCxxCompiler" in str(failed.value) and "without --compile" in str(failed.value)
