@@ -20,12 +20,32 @@ from typing import Literal
 from runner.telemetry import tags
 
 RANKS = r"(/rank\d+)?"  # under DDP the writer rank shows every rank's series with this suffix
-TIME_PARTS = "|".join(tags.TIME_PARTS)  # add up to time/step_ms
 # train/ scalars that are not a task's metric: the "task metrics" pane below gathers every other
 # train/<name> and val/<name>, so that a --task's own metrics show train beside validation
-NOT_METRICS = "|".join(tag.split("/", 1)[1] for tag in (
+NOT_METRICS = "|".join(re.escape(tag.removeprefix(tags.TRAIN)) for tag in (
     tags.LOSS, tags.LR, tags.SAMPLES_PER_S, tags.SKIPPED, tags.AMP_SKIPPED, tags.AMP_SCALE, tags.GRAD_NORM,
     tags.CLIP_NORM, tags.CLIPPED_SHARE))
+
+
+def exact(*names: str) -> tuple[str, ...]:
+    """Patterns for these tags, as written."""
+    return tuple(re.escape(name) for name in names)
+
+
+def per_rank(*names: str) -> tuple[str, ...]:
+    """These tags, and under DDP each rank's own (`<tag>/rank<r>`)."""
+    return tuple(re.escape(name) + RANKS for name in names)
+
+
+def ranks_of(*names: str) -> tuple[str, ...]:
+    """Only the per-rank copies of these tags (`<tag>/rank<r>`)."""
+    return tuple(re.escape(name) + r"/rank\d+" for name in names)
+
+
+def under(prefix: str, rest: str = ".+") -> str:
+    """The tags of a group (`prefix`, a tags.* prefix) whose remainder matches the regex `rest`."""
+    return re.escape(prefix) + rest
+
 
 Chart = Literal["line", "stacked", "bars", "image", "histogram", "graph", "text"]
 SCALAR_CHARTS = ("line", "stacked", "bars")  # charts of Scalar / MemorySample series
@@ -66,68 +86,72 @@ class Group:
 
 GROUPS: tuple[Group, ...] = (
     Group("loss", "loss and optimiser", (
-        Pane("loss", (r"train/loss", r"val/loss", r"train/loss_(max|min)")),  # train and validation together
-        Pane("gradient norm, every step", (r"norms/grad_(global|global_max|global_min|layer_max)",)),  # beside the loss
-        Pane("learning rate", (r"train/lr",)),
-        Pane("gradient norm (all layers)", (r"train/grad_norm", r"train/clip_norm")),
-        Pane("clipped steps", (r"train/clipped_share",), "share of steps"),
-        Pane("AMP loss scale", (r"train/amp_scale",)),
-        Pane("skipped samples (unreadable)", (r"train/skipped",), "samples"),
-        Pane("step of the window's largest loss", (r"train/loss_max_step",), "step"),
+        Pane("loss", exact(tags.LOSS, tags.val("loss"), tags.LOSS_MAX, tags.LOSS_MIN)),  # train and validation
+        Pane("gradient norm, every step",  # beside the loss
+             exact(tags.GRAD_GLOBAL, tags.GRAD_GLOBAL_MAX, tags.GRAD_GLOBAL_MIN, tags.GRAD_LAYER_MAX)),
+        Pane("learning rate", exact(tags.LR)),
+        Pane("gradient norm (all layers)", exact(tags.GRAD_NORM, tags.CLIP_NORM)),
+        Pane("clipped steps", exact(tags.CLIPPED_SHARE), "share of steps"),
+        Pane("AMP loss scale", exact(tags.AMP_SCALE)),
+        Pane("skipped samples (unreadable)", exact(tags.SKIPPED), "samples"),
+        Pane("step of the window's largest loss", exact(tags.LOSS_MAX_STEP), "step"),
     )),
     Group("metric", "metric", (
-        Pane("metric", (r"(train|val)/(accuracy|psnr)", r"train/psnr_input")),  # denoise: beside the noisy input
-        Pane("task metrics", (rf"(train|val)/(?!({NOT_METRICS})$)\w+",)),
+        Pane("metric", exact(*(group(name) for group in (tags.train, tags.val) for name in ("accuracy", "psnr")),
+                             tags.INPUT_PSNR)),  # denoise: beside the noisy input
+        Pane("task metrics", tuple(under(group, rf"(?!({NOT_METRICS})$)\w+") for group in (tags.TRAIN, tags.VAL))),
     )),
     Group("time", "time", (
-        Pane("throughput", (r"train/samples_per_s",), "samples/s"),
-        Pane("evaluation and compile time", (r"time/(eval|compile)_s",), "s"),  # not in the step's time
-        Pane("step time breakdown", (rf"time/({TIME_PARTS})_ms",), "ms", "stacked"),
-        Pane("step time", (r"time/step_ms",), "ms"),  # data wait is a part of the breakdown above
-        Pane("step time per rank", (r"time/step_ms/rank\d+",), "ms"),
-        Pane("data wait per rank", (r"time/data_wait_ms/rank\d+",), "ms"),
-        Pane("step parts per rank", (rf"time/({TIME_PARTS})_ms/rank\d+",), "ms"),
-        Pane("slowest rank", (r"time/slowest_rank",), "rank"),
-        Pane("step time skew across ranks", (r"time/skew",), "(max-min)/max"),
+        Pane("throughput", exact(tags.SAMPLES_PER_S), "samples/s"),
+        Pane("evaluation and compile time", exact(tags.EVAL_S, tags.COMPILE_S), "s"),  # not in the step's time
+        Pane("step time breakdown", exact(*map(tags.time_ms, tags.TIME_PARTS)), "ms", "stacked"),
+        Pane("step time", exact(tags.STEP_MS), "ms"),  # data wait is a part of the breakdown above
+        Pane("step time per rank", ranks_of(tags.STEP_MS), "ms"),
+        Pane("data wait per rank", ranks_of(tags.DATA_WAIT_MS), "ms"),
+        Pane("step parts per rank", ranks_of(*map(tags.time_ms, tags.TIME_PARTS)), "ms"),
+        Pane("slowest rank", exact(tags.SLOWEST_RANK), "rank"),
+        Pane("step time skew across ranks", exact(tags.TIME_SKEW), "(max-min)/max"),
     )),
     Group("memory", "memory", (
-        Pane("process RSS", (r"memory/rss" + RANKS,), "bytes"),
-        Pane("DataLoader workers RSS", (r"memory/workers_rss" + RANKS,), "bytes"),
-        Pane("CUDA memory", (r"memory/(allocated|reserved|active|peak)" + RANKS,), "bytes"),
-        Pane("memory estimate", (r"memory/estimate_\w+",), "bytes", "bars"),  # beside what is measured
-        Pane("CUDA allocator retries and OOMs", (r"memory/(alloc_retries|ooms)" + RANKS,), "count"),
-        Pane("host memory available", (r"memory/host_available" + RANKS,), "bytes"),
-        Pane("memory across ranks (min/max)", (r"memory/ranks_\w+_(min|max)",), "bytes"),
-        Pane("memory skew across ranks", (r"memory/ranks_\w+_skew",), "(max-min)/max"),
+        Pane("process RSS", per_rank(tags.reading("rss")), "bytes"),
+        Pane("DataLoader workers RSS", per_rank(tags.reading("workers_rss")), "bytes"),
+        Pane("CUDA memory", per_rank(*map(tags.reading, ("allocated", "reserved", "active", "peak"))), "bytes"),
+        Pane("memory estimate", (under(tags.ESTIMATE, r"\w+"),), "bytes", "bars"),  # beside what is measured
+        Pane("CUDA allocator retries and OOMs", per_rank(tags.reading("alloc_retries"), tags.reading("ooms")),
+             "count"),
+        Pane("host memory available", per_rank(tags.reading("host_available")), "bytes"),
+        Pane("memory across ranks (min/max)", (under(tags.MEMORY, r"ranks_\w+_(min|max)"),), "bytes"),
+        Pane("memory skew across ranks", (under(tags.MEMORY, r"ranks_\w+_skew"),), "(max-min)/max"),
     )),
     Group("system", "system", (
-        Pane("CPU", (r"system/cpu_percent" + RANKS,), "%"),
-        Pane("DataLoader workers", (r"system/workers" + RANKS,), "processes"),
-        Pane("GPU utilisation", (r"system/gpu_util" + RANKS,), "%"),
-        Pane("GPU power", (r"system/gpu_power_w" + RANKS,), "W"),
-        Pane("GPU temperature", (r"system/gpu_temp_c" + RANKS,), "°C"),
-        Pane("telemetry dropped and backlog", (r"telemetry/(dropped|backlog)", r"telemetry/dropped/\w+/\w+"), "events"),
-        Pane("telemetry sink unreachable", (r"telemetry/unreachable_s",), "s"),
+        Pane("CPU", per_rank(tags.reading("cpu_percent")), "%"),
+        Pane("DataLoader workers", per_rank(tags.reading("workers")), "processes"),
+        Pane("GPU utilisation", per_rank(tags.reading("gpu_util")), "%"),
+        Pane("GPU power", per_rank(tags.reading("gpu_power_w")), "W"),
+        Pane("GPU temperature", per_rank(tags.reading("gpu_temp_c")), "°C"),
+        Pane("telemetry dropped and backlog", (*exact(tags.DROPPED, tags.BACKLOG), under(tags.DROPPED_BY, r"\w+/\w+")),
+             "events"),
+        Pane("telemetry sink unreachable", exact(tags.UNREACHABLE_S), "s"),
     )),
     Group("images", "images", (
-        Pane("images", (r"images/.+",), chart="image"),
+        Pane("images", (under(tags.IMAGES),), chart="image"),
     )),
     Group("histograms", "histograms", (
-        Pane("weights", (r"weights/.+",), chart="histogram"),
-        Pane("gradients", (r"grads/.+",), chart="histogram"),
-        Pane("weight norms per layer", (r"norms/weights/.+",)),
-        Pane("gradient norms per layer", (r"norms/grads/.+",)),
+        Pane("weights", (under(tags.WEIGHTS),), chart="histogram"),
+        Pane("gradients", (under(tags.GRADS),), chart="histogram"),
+        Pane("weight norms per layer", (under(tags.NORMS_WEIGHTS),)),
+        Pane("gradient norms per layer", (under(tags.NORMS_GRADS),)),
     )),
     Group("graph", "graph", (
-        Pane("model graph", (r"model",), chart="graph"),
+        Pane("model graph", exact(tags.MODEL), chart="graph"),
     )),
     Group("text", "text", (
-        Pane("findings", (r"findings",), chart="text"),
-        Pane("run", (r"status|config|hparams",), chart="text"),
-        Pane("largest gradient", (r"norms/grad_layer_max_name",), chart="text"),
-        Pane("memory estimate table", (r"memory_estimate",), chart="text"),
-        Pane("automatic batch size", (r"auto_batch",), chart="text"),
-        Pane("out of memory", (r"memory_oom",), chart="text"),
+        Pane("findings", exact(tags.FINDINGS), chart="text"),
+        Pane("run", exact(tags.STATUS, tags.CONFIG, tags.HPARAMS), chart="text"),
+        Pane("largest gradient", exact(tags.GRAD_LAYER_MAX_NAME), chart="text"),
+        Pane("memory estimate table", exact(tags.MEMORY_ESTIMATE), chart="text"),
+        Pane("automatic batch size", exact(tags.AUTO_BATCH), chart="text"),
+        Pane("out of memory", exact(tags.MEMORY_OOM), chart="text"),
     )),
 )
 OTHER = Group("other", "other", ())  # tags no pane gathers: each gets its own pane, after every group

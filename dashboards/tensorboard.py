@@ -25,6 +25,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 
 from dashboards import tb_summaries
 from dashboards.event_file import EventFile
+from runner.telemetry import tags
 from runner.telemetry.events import (
     Event,
     Finding,
@@ -129,7 +130,7 @@ class TensorBoardSink(Sink):
 
     def _text(self, event: Text) -> None:
         content = event.text
-        if event.tag == "config":  # TOML: an indented (code) block keeps its lines
+        if event.tag == tags.CONFIG:  # TOML: an indented (code) block keeps its lines
             content = "\n".join("    " + line for line in content.splitlines())
         self._add_text(event.tag, content, event.step)
 
@@ -139,6 +140,7 @@ class TensorBoardSink(Sink):
         content += f"\n\n{event.advice}" if event.advice else ""
         content += f"\n\nevidence: {evidence}" if evidence else ""
         self._add_text(event.tag or "findings", content, event.step)
+        self._file.flush()  # rare, and wanted now: a live TensorBoard shows it, a killed run keeps it
 
     def _hparams(self, event: HParams) -> None:
         """Into this run's folder (add_hparams would make a subfolder); the metric columns read the run's own

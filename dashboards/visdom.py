@@ -41,6 +41,7 @@ from dashboards.visdom_render import (
     text_message,
 )
 from dashboards.visdom_series import Message, Trace
+from runner.telemetry import tags
 from runner.telemetry.events import (
     Event,
     Finding,
@@ -182,8 +183,8 @@ class VisdomSink(Sink):
             lambda: text_message(LAYERS_WIN, self.env, markdown_html(table), "model layers", 520, 420))
 
     def _text(self, event: Text) -> None:
-        if event.tag in ("config", "status"):
-            if event.tag == "config":
+        if event.tag in (tags.CONFIG, tags.STATUS):
+            if event.tag == tags.CONFIG:
                 self.run_text.config = event.text
             else:
                 self.run_text.status.append((event.step, event.text))

@@ -16,7 +16,7 @@ from dashboards.layout import GROUPS, place
 from runner.telemetry import tags
 
 MIB = float(1 << 20)
-ESTIMATE = "memory/estimate_"  # the memory estimate's parts: one bar chart of their latest values
+ESTIMATE = tags.ESTIMATE  # the memory estimate's parts: one bar chart of their latest values
 Order = tuple[int, int, int]
 
 
@@ -70,7 +70,7 @@ def _table() -> dict[str, Order]:
 
 WIN_ORDER = _table()
 LAYERS_WIN = "model_layers"  # the layer table: right after the graph picture
-GRAPH_WIN = win_id(place("model").pane.title if place("model").pane else "model graph")
+GRAPH_WIN = win_id(place(tags.MODEL).pane.title if place(tags.MODEL).pane else "model graph")
 WIN_ORDER[LAYERS_WIN] = (*WIN_ORDER.get(GRAPH_WIN, (len(GROUPS), 0, 0))[:2], 1)
 OTHER: Order = (len(GROUPS), 0, 0)
 
@@ -80,7 +80,7 @@ def order_of(win: str) -> Order:
     text panes by their tag, anything else after every group (then in the order they first appeared)."""
     if win in WIN_ORDER:
         return WIN_ORDER[win]
-    for prefix, tag in (("images_", "images/x"), ("text_", win[5:])):
+    for prefix, tag in (("images_", tags.IMAGES + "x"), ("text_", win[5:])):  # any image tag; the text's own
         if win.startswith(prefix):
             found = place(tag)
             return (*found.order, 0) if found.pane is not None else OTHER

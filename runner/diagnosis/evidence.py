@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from runner.telemetry import tags
 from runner.telemetry.events import Finding
 
 
 def finding(kind: str, severity: str, step: int, message: str, evidence: dict[str, Any], advice: str,
             subject: str = "") -> Finding:
     """A Finding for the "findings" tag; `subject` (a rank, a cause) lets one kind fire once per subject."""
-    event = Finding(tag="findings", step=step, kind=kind, severity=severity, message=message,
+    event = Finding(tag=tags.FINDINGS, step=step, kind=kind, severity=severity, message=message,
                     evidence=evidence, advice=advice)
     if subject:
         event.evidence.setdefault("subject", subject)

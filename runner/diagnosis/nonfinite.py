@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runner.telemetry import tags
 from runner.telemetry.events import Finding
 
 
@@ -134,6 +135,6 @@ def nonfinite_finding(result: dict[str, Any], step: int, rank: int = 0) -> Findi
         "loss": "check the targets and the loss inputs (log of 0, empty classes, targets out of range)",
         "gradient": "a backward overflow: lower --lr, clip gradients, or use bf16 instead of fp16",
     }.get(where, "lower --lr, or run with --on-nan skip to step over the odd batch")
-    return Finding(tag="findings", step=step, rank=rank, kind="first_nonfinite", severity="error",
+    return Finding(tag=tags.FINDINGS, step=step, rank=rank, kind="first_nonfinite", severity="error",
                    message=message, evidence={"module": result["module"], "where": where, **result["details"]},
                    advice=advice)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runner.telemetry import tags
 from runner.telemetry.events import Graph, GraphNode
 
 log = logging.getLogger("runner.telemetry")
@@ -127,9 +128,9 @@ def trace_graph(model: nn.Module, example: torch.Tensor, step: int = 0, rank: in
             graph_def = _graph_def(model, example)
         except Exception as exc:
             log.warning("model graph: tracing failed (%s); logging the layer table instead", _reason(exc))
-            return Graph(tag="model", step=step, rank=rank, graph_def=None, nodes=[], layer_table=table,
+            return Graph(tag=tags.MODEL, step=step, rank=rank, graph_def=None, nodes=[], layer_table=table,
                          error=_reason(exc))
-        return Graph(tag="model", step=step, rank=rank, graph_def=graph_def, nodes=_nodes(graph_def),
+        return Graph(tag=tags.MODEL, step=step, rank=rank, graph_def=graph_def, nodes=_nodes(graph_def),
                      layer_table=table)
     finally:
         model.train(was_training)

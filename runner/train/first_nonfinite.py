@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from runner.errors import RunnerError
+from runner.telemetry import tags
 from runner.telemetry.events import Finding
 from runner.telemetry.hub import Hub
 from runner.train import checkpoint
@@ -57,7 +58,7 @@ def last_good_weights(model: nn.Module, ckpt_path: Path) -> str | None:
 
 def weights_lost(step: int, rank: int) -> Finding:
     """No finite weights to re-run the step on: say so, and how to find the module."""
-    return Finding(tag="findings", step=step, rank=rank, kind="first_nonfinite", severity="error",
+    return Finding(tag=tags.FINDINGS, step=step, rank=rank, kind="first_nonfinite", severity="error",
                    message=(f"the loss became NaN/inf by step {step} and the weights had already turned non-finite "
                             "before the first checkpoint, so the step could not be re-run"),
                    evidence={"step": step}, advice="rerun with --on-nan skip to locate the module at the failing step")

@@ -408,7 +408,7 @@ class Trainer:
             self.loader, self.per_epoch = self._loader(), self._steps_per_epoch()
             self.retry_at = retry.resume_batch // self.cfg.accumulate
             log.warning(retry.text)
-            self.reporter.note("memory_oom", self.step, retry.text)
+            self.reporter.note(tags.MEMORY_OOM, self.step, retry.text)
             return
         nonfinite = self.cfg.on_nan == "stop" and window.nonfinite_here()
         raise oom.stop(failure, self.cfg, self.raw_model, self.input_shape, self.batch_size, self.device, step,
