@@ -16,7 +16,8 @@ from tests.support.report import run_report
 from tests.support.runs import ROOT, Outcome
 
 TINY = ["--image-size", "16", "--no-progress", "--no-graph", "--resume", "never", "--model", "mlp", "--batch-size",
-        "4", "--samples", "32", "--steps", "6", "--log-every", "2", "--viz", "none"]
+        "4", "--samples", "40", "--val-split", "0.2", "--eval-every", "3", "--steps", "6", "--log-every", "2",
+        "--viz", "none"]
 
 
 def _diff(*args: str) -> tuple[int, str, str]:
@@ -73,7 +74,9 @@ def test_train_writes_env_json_and_diff_shows_what_changed(cli, tmp_path: Path, 
     assert set(diff["time_ms"]) >= {"step", "forward", "backward", "optimizer", "data_wait"}
     assert diff["findings"] == {"only_a": {}, "only_b": {"input_bound": {"severity": "warning", "step": 4,
                                                                          "message": "waits for data"}}}
-    assert diff["metrics"]["best"] == {} or "train/loss" in diff["metrics"]["best"]
+    best = diff["metrics"]["best"]  # best.pt's --monitor value (val/loss) and step, side by side
+    assert set(best) == {"val/loss", "val/loss (step)"} and best["val/loss"]["a"] > 0
+    assert best["val/loss (step)"]["a"] in (3, 6) and diff["metrics"]["final"]["val/loss"]["b"] > 0
 
     code, text, _ = _diff(str(runs / "a"), str(runs / "b"))  # folders work as well as names
     assert code == 0

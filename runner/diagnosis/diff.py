@@ -8,6 +8,7 @@ except the metrics and time parts, which are shown side by side with B - A.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from runner.telemetry import tags
 
 SAME_EVERY_RUN = ("name",)  # config keys that differ between any two runs: not a difference worth showing
 METRIC_PREFIXES = (tags.TRAIN, tags.VAL)
+BEST_TEXT = re.compile(r"best\.pt: (\S+) (\S+) at step (\d+)")
 
 
 def _read_json(path: Path) -> Any:
@@ -69,12 +71,12 @@ def _side_by_side(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, f
 
 
 def _metrics(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(final, best): the last logged train/val scalars, and the best values summary.json keeps if any."""
+    """(final, best): the last logged train/val scalars, and the --monitor tag's best value and its step
+    (the latest `best` text: "best.pt: <tag> <value> at step <step>"), where the run kept one."""
     scalars = summary.get("scalars") or {}
     final = {k: v for k, v in scalars.items() if k.startswith(METRIC_PREFIXES)}
-    kept = summary.get("best")  # {tag: value} or {tag: {"value": v, "step": s}}, where summary.json has it
-    kept = kept if isinstance(kept, dict) else {}
-    best = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in kept.items()}
+    found = BEST_TEXT.match(str((summary.get("texts") or {}).get(tags.BEST) or ""))
+    best = {found[1]: float(found[2]), f"{found[1]} (step)": int(found[3])} if found else {}
     return final, best
 
 

@@ -41,8 +41,8 @@ def process_rss() -> int:
 class SystemSampler:
     """Samples psutil (and NVML when present) on a daemon thread; `latest` is a snapshot dict."""
 
-    def __init__(self, interval: float, gpu: GpuIdentity | None) -> None:
-        self.interval = interval
+    def __init__(self, interval: float, gpu: GpuIdentity | None, not_workers: frozenset[int] = frozenset()) -> None:
+        self.interval, self.not_workers = interval, not_workers  # children that are no DataLoader workers
         self.latest: dict[str, float] = {}
         self._stop = threading.Event()
         self._process = psutil.Process()
@@ -71,7 +71,7 @@ class SystemSampler:
     def _sample(self) -> None:
         values: dict[str, float] = {}
         try:
-            children = self._process.children(recursive=True)
+            children = [c for c in self._process.children(recursive=True) if c.pid not in self.not_workers]
             workers_rss = 0
             for child in children:
                 try:
@@ -166,7 +166,7 @@ class MemoryProbe:
         "ooms": "num_ooms",
     }
 
-    def __init__(self, device: Any, system_every: float) -> None:
+    def __init__(self, device: Any, system_every: float, not_workers: frozenset[int] = frozenset()) -> None:
         self.device = device
         self.cuda = getattr(device, "type", str(device)) == "cuda"
         gpu = None
@@ -174,7 +174,7 @@ class MemoryProbe:
             import torch
 
             gpu = GpuIdentity.of(device.index if device.index is not None else torch.cuda.current_device())
-        self.system = SystemSampler(system_every, gpu).start()  # says once if NVML is unavailable
+        self.system = SystemSampler(system_every, gpu, not_workers).start()  # says once if NVML is unavailable
 
     def sample(self) -> dict[str, float]:
         values: dict[str, float] = {"rss": float(process_rss())}
