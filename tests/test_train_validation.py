@@ -206,3 +206,19 @@ def test_compile_trains_the_mlp(tmp_path: Path) -> None:
     (compile_s,) = rec.scalars(tags.COMPILE_S)
     assert compile_s[1] > 0
     assert rec.scalars(tags.STEP_MS)[-1][1] < 1000 * compile_s[1]  # the compile is not in the steps' time
+
+
+@pytest.mark.slow
+def test_ddp_run_accumulates_and_validates(tmp_path: Path) -> None:
+    """Real torchrun, 2 gloo ranks: --accumulate 2 (no_sync on the first micro-batch) with a held-out
+    validation set; both ranks finish the same optimizer steps, best.pt is written."""
+    from tests.support.runs import run_runner
+
+    out = run_runner("train", "--strategy", "ddp", "--nproc", "2", "--model", "mlp", "--image-size", "8",
+                     "--channels", "1", "--samples", "64", "--batch-size", "4", "--accumulate", "2", "--steps", "6",
+                     "--log-every", "3", "--val-split", "0.25", "--eval-every", "3", "--lr-schedule", "cosine",
+                     "--no-progress", "--device", "cpu", "--viz", "none", "--run-dir", str(tmp_path), "--name", "d",
+                     timeout=240)
+    assert out.code == 0, out.stderr
+    assert "finished at step 6" in out.stderr and "val loss" in out.stderr
+    assert _state(tmp_path / "d" / "checkpoints" / "best.pt")["step"] in (3, 6)
