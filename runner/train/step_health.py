@@ -46,12 +46,14 @@ class StepHealth:
         self._kept_bytes = 0
 
     def measure(self, done: Computed) -> torch.Tensor:
-        """After backward: the step's gradient norms; returns whether its loss and global gradient norm
-        are finite (a device bool)."""
-        scale = self.scaler.scale(torch.ones((), device=done.loss.device)) if self.scaler is not None else None
-        self.norms = self.meter.measure(scale)
-        finite = done.finite
-        return finite & torch.isfinite(self.norms.total) if self.norms is not None else finite
+        """After backward: the step's gradient norms; returns whether the step is finite (a device bool):
+        its loss and global gradient norm, or under GradScaler its loss only (inf gradients are how
+        GradScaler finds its scale too high: it skips that update and halves the scale itself)."""
+        if self.scaler is None:
+            self.norms = self.meter.measure()
+            return done.finite & torch.isfinite(self.norms.total) if self.norms is not None else done.finite
+        self.norms = self.meter.measure(self.scaler.scale(torch.ones((), device=done.loss.device)))
+        return done.finite
 
     @contextlib.contextmanager
     def gate(self, finite: torch.Tensor) -> Iterator[None]:
@@ -67,7 +69,7 @@ class StepHealth:
         try:
             yield
         finally:
-            del self.optimizer.found_inf  # type: ignore[attr-defined]
+            vars(self.optimizer).pop("found_inf", None)
 
     def record(self, step: int, done: Computed, finite: torch.Tensor, micros: list[Micro]) -> None:
         """After the update of `step`: its values into the window; its batches kept for a re-run."""
