@@ -39,7 +39,8 @@ def check_console_and_report(console: str, finding: dict, run_dir: Path, name: s
 
 
 def test_input_bound_from_a_slow_dataset(cli, tmp_path: Path) -> None:
-    findings, console = train(cli, tmp_path, "slow", "--model", "mlp", "--data", "tests.support.models:slow_data",
+    findings, console = train(cli, tmp_path, "slow", "--model", "mlp",
+                              "--data", "tests.support.models:input_bound_data",
                               "--batch-size", "2", "--steps", "13", "--log-every", "1", "--viz", "none")
     finding = only(findings, "input_bound")
     assert finding["severity"] == "warning" and finding["evidence"]["workers"] == 0

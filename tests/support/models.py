@@ -49,9 +49,14 @@ def slow_data(image_size: int, channels: int) -> Dataset:
     return SlowShapes(image_size, channels, delay=0.5)
 
 
+def input_bound_data(image_size: int, channels: int) -> Dataset:
+    """200 ms per sample: still several times a tiny model's step on a loaded machine, and a short run."""
+    return SlowShapes(image_size, channels, delay=0.2)
+
+
 def slow_rank1_data(image_size: int, channels: int) -> Dataset:
-    """DDP: rank 1 waits 250 ms per sample, rank 0 not at all."""
-    return SlowShapes(image_size, channels, delay=0.25, only_rank=1)
+    """DDP: rank 1 waits 80 ms per sample (320 ms a step at batch 4), rank 0 not at all."""
+    return SlowShapes(image_size, channels, delay=0.08, only_rank=1)
 
 
 class Unreadable(Shapes):
