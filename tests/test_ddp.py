@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from runner.models import build_model
 from runner.train import checkpoint
 from tests.support.ddp import DUMP_DIR, KILL_RANK, KILL_STEP, RAISE_STEP
 from tests.support.runs import ROOT, TINY, child_pythonpath, run_runner
+from tests.support.visdom_server import VisdomServer
 
 FAST = ["--image-size", "8", "--samples", "32", "--no-progress", "--device", "cpu"]
 
@@ -285,16 +287,29 @@ def test_elastic_restart_resumes_and_logs_each_step_once(tmp_path: Path, launche
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 20
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, VisdomServer]]:
+    """One run read by two tests: 4 gloo ranks, TensorBoard and Visdom, memory every step, histograms,
+    images, the graph. Its Visdom server stays up for the module."""
+    tmp = tmp_path_factory.mktemp("four")
+    with VisdomServer(tmp / "envs") as server:
+        out = run_runner("train", "--strategy", "ddp", "--nproc", "4", "--model", "cnn", "--image-size", "8",
+                         "--batch-size", "2", "--samples", "64", "--steps", "6", "--log-every", "3",
+                         "--memory-every", "1", "--hist-every", "3", "--images-every", "3", "--graph",
+                         "--no-progress", "--device", "cpu", "--viz", "both", "--visdom-url", server.url,
+                         "--run-dir", str(tmp), "--name", "four", timeout=300,
+                         env={"XDG_STATE_HOME": str(tmp_path_factory.mktemp("state"))})
+        assert out.code == 0, out.stderr
+        yield tmp / "four", server
+
+
 @pytest.mark.slow
-def test_every_ranks_memory_reaches_rank_0s_event_file(tmp_path: Path) -> None:
-    out = run_runner("train", "--strategy", "ddp", "--nproc", "2", "--model", "mlp", "--image-size", "8",
-                     "--batch-size", "4", "--samples", "32", "--steps", "6", "--log-every", "3", "--no-progress",
-                     "--viz", "tensorboard", "--run-dir", str(tmp_path), "--name", "mem")
-    assert out.code == 0, out.stderr
-    files = list((tmp_path / "mem").glob("events.out.tfevents.*"))
+def test_every_ranks_memory_reaches_rank_0s_event_file(four_ranks: tuple[Path, VisdomServer]) -> None:
+    run, _ = four_ranks
+    files = list(run.glob("events.out.tfevents.*"))
     assert len(files) == 1, files  # rank 0 alone writes
-    events = _events(tmp_path / "mem")
-    for rank in (0, 1):
+    events = _events(run)
+    for rank in range(4):
         assert [e.step for e in events.Scalars(f"memory/rss/rank{rank}")] == [1, 2, 3, 4, 5, 6]
     low, high = events.Scalars("memory/ranks_rss_min"), events.Scalars("memory/ranks_rss_max")
     assert [e.step for e in low] == [3, 6]
@@ -304,28 +319,19 @@ def test_every_ranks_memory_reaches_rank_0s_event_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_four_ranks_with_every_stream_on(tmp_path: Path) -> None:
-    """4 gloo ranks, TensorBoard and Visdom, memory every step, histograms, images, the graph: it finishes,
-    and rank 0's dashboards show every rank's memory (each step) and step time (each log point)."""
+def test_four_ranks_with_every_stream_on(four_ranks: tuple[Path, VisdomServer]) -> None:
+    """4 gloo ranks, every stream on: it finishes, and rank 0's dashboards show every rank's memory (each
+    step) and step time (each log point)."""
     from visdom import Visdom
 
-    from tests.support.visdom_server import VisdomServer
-
-    with VisdomServer(tmp_path / "envs") as server:
-        out = run_runner("train", "--strategy", "ddp", "--nproc", "4", "--model", "cnn", "--image-size", "8",
-                         "--batch-size", "2", "--samples", "64", "--steps", "6", "--log-every", "3",
-                         "--memory-every", "1", "--hist-every", "3", "--images-every", "3", "--graph",
-                         "--no-progress", "--device", "cpu", "--viz", "both", "--visdom-url", server.url,
-                         "--run-dir", str(tmp_path), "--name", "four", timeout=300)
-        assert out.code == 0, out.stderr
-        envs = [env for env in Visdom(server="http://127.0.0.1", port=server.port, raise_exceptions=True).get_env_list()
-                if env.endswith("four")]
-        assert len(envs) == 1, envs
-        assert len(server.windows(envs[0])) > 5  # scalars, memory, images, histograms, text
-    events = _events(tmp_path / "four")
+    run, server = four_ranks
+    envs = [env for env in Visdom(server="http://127.0.0.1", port=server.port, raise_exceptions=True).get_env_list()
+            if env.endswith("four")]
+    assert len(envs) == 1, envs
+    assert len(server.windows(envs[0])) > 5  # scalars, memory, images, histograms, text
+    events = _events(run)
     tags = set(events.Tags()["scalars"])
     for rank in range(4):
-        assert [e.step for e in events.Scalars(f"memory/rss/rank{rank}")] == [1, 2, 3, 4, 5, 6]
         assert [e.step for e in events.Scalars(f"time/step_ms/rank{rank}")] == [3, 6], sorted(tags)
     assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
 
