@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support.report import run_report
-from tests.support.runs import ROOT, Outcome
+from tests.support.runs import ROOT, Outcome, run_runner
 
 TINY = ["--image-size", "16", "--no-progress", "--no-graph", "--resume", "never", "--model", "mlp", "--batch-size",
         "4", "--samples", "40", "--val-split", "0.2", "--eval-every", "3", "--steps", "6", "--log-every", "2",
@@ -104,3 +104,13 @@ def test_diff_does_not_import_torch(cli, tmp_path: Path, monkeypatch) -> None:
     print(f"runner diff: {seconds} s in-process, {time.monotonic() - started:.2f} s with interpreter start")
     diff = json.loads(proc.stdout)
     assert diff["config"] == {"lr": [0.001, 0.01]} and diff["b"]["env"] is False and diff["code"] == {}
+
+
+def test_supervised_run_records_the_users_command(tmp_path: Path) -> None:
+    """Under the supervisor the trainer is a child started as `python -m runner.train --config ...`:
+    env.json keeps that and the command that started the run."""
+    out = run_runner("train", *TINY, "--run-dir", str(tmp_path), "--name", "sup", "--lr", "0.002")
+    assert out.code == 0, out.stderr
+    command = json.loads((tmp_path / "sup" / "env.json").read_text())["command"]
+    assert command["argv"][1:3] == ["-m", "runner.train"]
+    assert command["run_argv"][-4:] == ["--name", "sup", "--lr", "0.002"] and "train" in command["run_argv"]

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runner.procs import proc_table, run_tag
+
 log = logging.getLogger("runner")
 
 ENV_FILE = "env.json"
@@ -112,8 +114,7 @@ def collect(config: dict[str, Any], world_size: int, extra: dict[str, Any] | Non
     """Everything env.json holds (`extra`: what the caller adds, e.g. an own loop's model and optimizer)."""
     return {
         "written": time.time(),
-        "command": {"argv": list(getattr(sys, "orig_argv", sys.argv)), "cwd": os.getcwd(),
-                    "executable": sys.executable},
+        "command": _command(),
         "config": config,
         "git": git_state(code_folder()),
         "runner": _runner_version(),
@@ -125,6 +126,17 @@ def collect(config: dict[str, Any], world_size: int, extra: dict[str, Any] | Non
         "world_size": world_size,
         **(extra or {}),
     }
+
+
+def _command() -> dict[str, Any]:
+    """This process's command line, and the one that started the run where that was another process (the
+    `runner train ...` of a supervised trainer, the `torchrun ...` of a rank): the run root's."""
+    command: dict[str, Any] = {"argv": list(getattr(sys, "orig_argv", sys.argv)), "cwd": os.getcwd(),
+                               "executable": sys.executable}
+    root = run_tag.parse_root(os.environ.get(run_tag.ROOT_ENV))
+    if root is not None and root[0] != os.getpid() and proc_table.is_running(*root):
+        command["run_argv"] = proc_table.read_argv(root[0])
+    return command
 
 
 def _runner_version() -> str:
