@@ -119,8 +119,8 @@ def not_learning(h: History, step: int) -> Finding | None:
     points = list(h.steady)[-NOT_LEARNING_POINTS:]
     if len(points) < NOT_LEARNING_POINTS:
         return None
-    losses = [h.value(tags.LOSS, s) for s in points]
-    if any(v is None for v in losses) or not _finite(losses) or losses[0] <= 0:
+    losses = h.values(tags.LOSS, points)
+    if losses is None or not _finite(losses) or losses[0] <= 0:
         return None
     if (losses[0] - losses[-1]) / losses[0] >= FLAT_DROP:
         return None
@@ -146,8 +146,8 @@ def not_learning(h: History, step: int) -> Finding | None:
 
 def _at_chance(h: History, points: list[int]) -> tuple[str, dict] | None:
     """Whether the metric is at chance at `points`: (how, in words; evidence) or None."""
-    accuracy = [h.value(tags.train("accuracy"), s) for s in points]
-    if all(v is not None for v in accuracy):
+    accuracy = h.values(tags.train("accuracy"), points)
+    if accuracy is not None:
         classes = h.facts.classes
         if not classes:
             return None
@@ -156,9 +156,8 @@ def _at_chance(h: History, points: list[int]) -> tuple[str, dict] | None:
             return None
         return (f"the accuracy is at chance ({mean:.3f}, chance {chance:.3f} for {classes} classes)",
                 {"accuracy": [significant(v) for v in accuracy], "chance": significant(chance), "classes": classes})
-    psnr = [h.value(tags.train("psnr"), s) for s in points]
-    noisy = [h.value(tags.INPUT_PSNR, s) for s in points]
-    if any(v is None for v in psnr + noisy):
+    psnr, noisy = h.values(tags.train("psnr"), points), h.values(tags.INPUT_PSNR, points)
+    if psnr is None or noisy is None:
         return None
     out, base = statistics.fmean(psnr), statistics.fmean(noisy)
     if out > base + PSNR_MARGIN_DB:

@@ -19,13 +19,12 @@ from runner.telemetry.events import Event, MemorySample, Scalar, Text
 
 KEEP = 512  # points kept per series: the rules look at recent windows, never at a whole long run
 # Tags the rules read; everything else (weights, per-layer weight norms, metrics) passes by.
-WATCHED = re.compile("^(" + "|".join(re.escape(prefix) for prefix in (tags.TIME, tags.TELEMETRY, tags.NORMS_GRADS,
-                                                                        tags.ESTIMATE, tags.VAL)) + "|"
-                     + "|".join(re.escape(tag) for tag in (tags.SKIPPED, tags.GRAD_NORM, tags.LOSS, tags.LOSS_MAX,
-                                                            tags.LOSS_MAX_STEP, tags.LOSS_MIN, tags.INPUT_PSNR,
-                                                            tags.GRAD_GLOBAL, tags.GRAD_GLOBAL_MAX, tags.GRAD_GLOBAL_MIN,
-                                                            tags.GRAD_LAYER_MAX, tags.train("accuracy"),
-                                                            tags.train("psnr"))) + "$)")
+_WATCHED_GROUPS = (tags.TIME, tags.TELEMETRY, tags.NORMS_GRADS, tags.ESTIMATE, tags.VAL)
+_WATCHED_TAGS = (tags.SKIPPED, tags.GRAD_NORM, tags.LOSS, tags.LOSS_MAX, tags.LOSS_MAX_STEP, tags.LOSS_MIN,
+                 tags.INPUT_PSNR, tags.GRAD_GLOBAL, tags.GRAD_GLOBAL_MAX, tags.GRAD_GLOBAL_MIN, tags.GRAD_LAYER_MAX,
+                 tags.train("accuracy"), tags.train("psnr"))
+WATCHED = re.compile("^(" + "|".join(map(re.escape, _WATCHED_GROUPS)) + "|"
+                     + "|".join(map(re.escape, _WATCHED_TAGS)) + "$)")
 START_TEXT = re.compile(r" on (?P<device>\S+), (?P<strategy>\w+) x(?P<world>\d+), batch (?P<batch>\d+), "
                         r"steps (?P<first>\d+)→(?P<total>\d+)(, (?P<classes>\d+) classes)?")
 
@@ -120,6 +119,11 @@ class History:
 
     def series(self, tag: str) -> list[tuple[int, float]]:
         return list(self.scalars.get(tag, ()))
+
+    def values(self, tag: str, steps: list[int]) -> list[float] | None:
+        """The values of `tag` logged at each of `steps`; None when one of them is missing."""
+        found = [self.value(tag, step) for step in steps]
+        return [v for v in found if v is not None] if None not in found else None
 
     def value(self, tag: str, step: int) -> float | None:
         """The value of `tag` logged at `step`, if any."""
