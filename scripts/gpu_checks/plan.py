@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.gpu_checks import archive, checks_memory, checks_train, judge, verdict
+from scripts.gpu_checks import archive, checks_features, checks_memory, checks_train, judge, verdict
 from scripts.gpu_checks.runs import Context, error_tail
 
-DEADLINE = 380.0  # seconds from the script's start (cold `import torch` included) until no check may run past
+DEADLINE = 390.0  # seconds from the script's start (cold `import torch` included) until no check may run past
 NEEDS_FRACTION = "fraction"  # PYTORCH_CUDA_ALLOC_CONF per_process_memory_fraction honoured (torch >= 2.9)
 NEEDS_VISDOM = "visdom"  # the local Visdom server answers
 
@@ -39,7 +39,8 @@ CHECKS: list[Check] = [
           "4 DataLoader workers in both; steady-state steps 50-250 of 300; alternating pairs (goal 1.01×)",
           checks_train.overhead),
     Check("nccl1", "ddp nproc 1 NCCL", 45, "--strategy ddp --nproc 1 --sync-bn: torchrun, NCCL init with device_id, "
-          "SyncBatchNorm conversion (one rank syncs nothing), DDP device_ids, gather_object, barriers, teardown", checks_train.nccl_one),
+          "SyncBatchNorm conversion (one rank syncs nothing), DDP device_ids, gather_object, barriers, teardown",
+          checks_train.nccl_one),
     Check("oom", "real OOM at step K", 40, "out of memory from the allocator at step 3 under a budget: exit 1, "
           "memory_summary, a snapshot torch's memory-viz renders, last.pt at step 2", checks_memory.oom_at_step,
           (NEEDS_FRACTION,)),
@@ -51,8 +52,17 @@ CHECKS: list[Check] = [
           checks_train.profile),
     Check("ctrl-c", "Ctrl+C with 4 workers", 40, "SIGINT to the process group: all gone within 5 s, NVML lists none",
           checks_train.interrupt),
+    Check("stall", "stall with flight recorder", 60, "one NCCL rank asleep at step 6, --stall-timeout 5 --on-stall "
+          "stop: stacks, heartbeats, the NCCL flight recorder's dump, a stall finding, exit 1", checks_features.stall),
+    Check("val-amp", "evaluation under AMP", 45, "--val-split 0.2 --eval-every 5 with --amp: val/loss at each "
+          "evaluation, finite; findings.json without warnings", checks_features.evaluation),
     Check("bf16", "single GPU bf16", 60, "the fp16 run under --amp-dtype bf16 (no GradScaler)", checks_train.bf16,
           (NEEDS_VISDOM,)),
+    Check("observe", "runner.observe", 40, "an own CUDA loop (its own GradScaler, pinned workers) under "
+          "runner.observe: loss, step time and CUDA memory logged; findings.json without warnings",
+          checks_features.own_loop),
+    Check("compile", "compile", 90, "--compile with --amp: inductor/Triton on this GPU, time/compile_s apart, the "
+          "loss at every log point", checks_features.compiled),
     Check("retry", "oom retry", 50, "--oom retry halves the batch until it fits and finishes", checks_memory.oom_retry,
           (NEEDS_FRACTION,)),
     Check("dp", "strategy dp", 35, "nn.DataParallel on the visible GPUs; the live estimate counts replica threads",
