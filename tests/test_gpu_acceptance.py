@@ -308,12 +308,15 @@ def test_archive_stays_under_its_cap_most_telling_files_first(tmp_path: Path) ->
     (work / "runs" / "r" / "findings.json").write_text("[]")
     (work / "runs" / "r" / "oom" / "diagnosis.txt").write_text("out of memory")
     (work / "runs" / "r" / "checkpoints" / "last.pt").write_bytes(b"0" * 100)
+    (work / "runs" / "r" / "profile").mkdir()
+    (work / "runs" / "r" / "profile" / "trace.json").write_text("[" + "0," * (4 * MiB) + "0]")  # whole or not
     for i in range(3):  # incompressible and bulky: fills the cap
         (work / "runs" / "r" / f"events.out.tfevents.{i}").write_bytes(os.urandom(3 * MiB))
     target = tmp_path / archive.ARCHIVE
     size, left_out = archive.write(work, target, cap=6 * MiB)
     assert size <= 6 * MiB
     assert "runs/r/checkpoints/last.pt" in left_out and sum("tfevents" in f for f in left_out) == 2
+    assert "runs/r/profile/trace.json" in left_out
     with tarfile.open(target) as tar:
         names = tar.getnames()
         stderr = tar.extractfile("logs/01-r.stderr").read()

@@ -5,7 +5,8 @@ Files go in by how much they explain, a tier at a time: every child's command li
 and the Visdom server's log; then each run's summary.json, findings.json, config.toml, sync counts
 and helper outputs; then the OOM post-mortems; then TensorBoard event files, allocator snapshots and
 profiler traces. A file is added only while the archive, counted at the file's full uncompressed
-size, stays under the cap, so the cap holds without a second pass; text over TEXT_TAIL keeps its end.
+size, stays under the cap, so the cap holds without a second pass; a log over TEXT_TAIL keeps its end
+(other files go in whole or not at all: half a JSON trace explains nothing).
 MANIFEST.txt, last, lists every file of the work folder with its size and whether it went in.
 """
 
@@ -21,6 +22,7 @@ TEXT_TAIL = 1 << 20  # a longer log keeps its last MiB
 MANIFEST_ROOM = 256 << 10
 SKIPPED = (".pt",)  # checkpoints: weights explain no failure
 TEXT = (".cmd", ".stdout", ".stderr", ".log", ".json", ".toml", ".txt", ".md")
+TAILED = (".stdout", ".stderr", ".log", ".txt")  # logs: their end says how they ended
 
 
 def tier(rel: Path, size: int) -> int:
@@ -49,7 +51,7 @@ def write(work: Path, target: Path, cap: int = CAP) -> tuple[int, list[str]]:
         for rel in files:
             path, size = work / rel, sizes[rel]
             level = tier(rel, size)
-            cut = path.suffix in TEXT and size > TEXT_TAIL
+            cut = path.suffix in TAILED and size > TEXT_TAIL
             if level > 3 or used + (TEXT_TAIL if cut else size) > budget:
                 left_out.append(str(rel))
                 manifest.append(f"left out  {size:>12}  {rel}")

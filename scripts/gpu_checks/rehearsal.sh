@@ -29,5 +29,10 @@ line=$(grep -m1 '^T=$(mktemp -d) && python3 -m pip install' README.md) || {
   echo "rehearsal: README.md has no install line" >&2; exit 1; }
 ACCEPT=--dry-run bash -c "$line" > "$R/dry-run.txt"
 grep -q "^  - fp16: " "$R/dry-run.txt"
+if ACCEPT="--dry-run --only fp17" bash -c "$line" 2> "$R/bad-only.txt"; then
+  echo "rehearsal: an unknown --only id was accepted" >&2; exit 1; fi
+grep -q "unknown check(s) fp17" "$R/bad-only.txt"
+ACCEPT="--rehearse --only nccl1,fp16" bash -c "$line" > "$R/only.txt"
+test "$(grep -c '^FAIL' "$R/only.txt")" = 8  # fp16's three verdicts and nccl1's, for each of two recorded failures
 ACCEPT=--rehearse bash -c "$line" > "$R/rehearse.txt"
 echo "gpu-rehearsal: passed in $((SECONDS - started)) s; archives: $(du -b "$OUT"/*/evidence.tar.gz | awk '{printf "%s %d B; ", $2, $1}')"
