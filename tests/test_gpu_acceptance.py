@@ -233,7 +233,7 @@ def _context(tmp_path: Path, kind: str, url: str = "http://127.0.0.1:9") -> runs
 def test_a_check_whose_budget_does_not_fit_is_skipped_with_the_rerun_line(tmp_path: Path) -> None:
     ctx = _context(tmp_path, "usage")
     chosen = plan.select(["fp16,nccl1"])
-    deadline = time.monotonic() + 50  # fp16 needs 75 s, nccl1 45 s
+    deadline = time.monotonic() + 60  # fp16 needs 75 s, nccl1 55 s
     found = plan.run_checks(ctx, chosen, tmp_path / "out", {}, deadline, lambda _: "")
     assert found[0].status == "SKIP" and "rerun with --only fp16" in found[0].reason
     assert found[1].status == "FAIL" and replay.MARKERS["usage"] in found[1].reason
@@ -246,7 +246,7 @@ def test_a_checks_own_crash_still_names_the_runs_error(tmp_path: Path) -> None:
         raise KeyError("measured")
 
     ctx = _context(tmp_path, "crash")
-    found = plan.run_checks(ctx, [plan.Check("x", "broken", 10, "", broken)], tmp_path / "out", {},
+    found = plan.run_checks(ctx, [plan.Check("x", "broken", 30, "", broken)], tmp_path / "out", {},
                             time.monotonic() + 60, lambda _: "")
     assert found[0].reason.startswith("KeyError: 'measured'; the last run: exit 1: ")
     assert replay.MARKERS["crash"] in found[0].reason

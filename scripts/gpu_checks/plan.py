@@ -14,6 +14,7 @@ from scripts.gpu_checks import archive, checks_features, checks_memory, checks_t
 from scripts.gpu_checks.runs import Context, error_tail
 
 DEADLINE = 390.0  # seconds from the script's start (cold `import torch` included) until no check may run past
+ENDING = 12.0  # of a check's budget, kept for ending a child past its timeout (SIGTERM, then SIGKILL) and read-back
 NEEDS_FRACTION = "fraction"  # PYTORCH_CUDA_ALLOC_CONF per_process_memory_fraction honoured (torch >= 2.9)
 NEEDS_VISDOM = "visdom"  # the local Visdom server answers
 
@@ -38,7 +39,7 @@ CHECKS: list[Check] = [
     Check("overhead", "overhead vs bare loop", 80, "runner at its default cadence, both sinks, against a bare loop; "
           "4 DataLoader workers in both; steady-state steps 50-250 of 300; alternating pairs (goal 1.01×)",
           checks_train.overhead),
-    Check("nccl1", "ddp nproc 1 NCCL", 45, "--strategy ddp --nproc 1 --sync-bn: torchrun, NCCL init with device_id, "
+    Check("nccl1", "ddp nproc 1 NCCL", 55, "--strategy ddp --nproc 1 --sync-bn: torchrun, NCCL init with device_id, "
           "SyncBatchNorm conversion (one rank syncs nothing), DDP device_ids, gather_object, barriers, teardown",
           checks_train.nccl_one),
     Check("oom", "real OOM at step K", 40, "out of memory from the allocator at step 3 under a budget: exit 1, "
@@ -50,9 +51,9 @@ CHECKS: list[Check] = [
           "(1 %)", checks_memory.memory_series),
     Check("profile", "profile on CUDA", 45, "--profile 3:5: a Chrome trace with GPU kernels, an allocator snapshot",
           checks_train.profile),
-    Check("ctrl-c", "Ctrl+C with 4 workers", 40, "SIGINT to the process group: all gone within 5 s, NVML lists none",
+    Check("ctrl-c", "Ctrl+C with 4 workers", 60, "SIGINT to the process group: all gone within 5 s, NVML lists none",
           checks_train.interrupt),
-    Check("stall", "stall with flight recorder", 60, "one NCCL rank asleep at step 6, --stall-timeout 5 --on-stall "
+    Check("stall", "stall with flight recorder", 70, "one NCCL rank asleep at step 6, --stall-timeout 5 --on-stall "
           "stop: stacks, heartbeats, the NCCL flight recorder's dump, a stall finding, exit 1", checks_features.stall),
     Check("val-amp", "evaluation under AMP", 45, "--val-split 0.2 --eval-every 5 with --amp: val/loss at each "
           "evaluation, finite; findings.json without warnings", checks_features.evaluation),
@@ -61,7 +62,7 @@ CHECKS: list[Check] = [
     Check("observe", "runner.observe", 40, "an own CUDA loop (its own GradScaler, pinned workers) under "
           "runner.observe: loss, step time and CUDA memory logged; findings.json without warnings",
           checks_features.own_loop),
-    Check("compile", "compile", 90, "--compile with --amp: inductor/Triton on this GPU, time/compile_s apart, the "
+    Check("compile", "compile", 120, "--compile with --amp: inductor/Triton on this GPU, time/compile_s apart, the "
           "loss at every log point", checks_features.compiled),
     Check("retry", "oom retry", 50, "--oom retry halves the batch until it fits and finishes", checks_memory.oom_retry,
           (NEEDS_FRACTION,)),
@@ -96,7 +97,7 @@ def run_checks(ctx: Context, checks: list[Check], out: Path, environment: dict[s
         else:
             ctx.last = None
             try:
-                results = check.run(ctx, check.budget)
+                results = check.run(ctx, check.budget - ENDING)
             except Exception as exc:  # the checks' own bug: named with the run's error, the next check still runs
                 ran = ctx.last if ctx.last is not None and ctx.last.code != 0 else None
                 run_error = f"; the last run: exit {ran.code}: {error_tail(ran.stderr)}" if ran else ""

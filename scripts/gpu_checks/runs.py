@@ -20,7 +20,7 @@ from scripts.gpu_checks.verdict import Verdict, amend
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
 TAIL_CHARS = 500  # of a run's stderr, in a verdict's reason
-GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a child past its budget
+GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a child past its budget (plan.ENDING covers both waits)
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _end_group(proc: subprocess.Popen) -> tuple[str, str]:
     """A child past its budget, with everything it started (trainer, workers, torchrun ranks): SIGTERM to
     its process group (runner checkpoints and exits), SIGKILL after GRACE s. Nothing may outlive a check
     and hold GPU memory during the next one. What it printed."""
-    for sig, wait in ((signal.SIGTERM, GRACE), (signal.SIGKILL, 10.0)):
+    for sig, wait in ((signal.SIGTERM, GRACE), (signal.SIGKILL, GRACE)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:
