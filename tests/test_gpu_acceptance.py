@@ -240,6 +240,14 @@ def test_a_check_whose_budget_does_not_fit_is_skipped_with_the_rerun_line(tmp_pa
     assert ctx.started == 1  # the skipped check started nothing
 
 
+def test_a_check_whose_need_is_missing_fails_without_running(tmp_path: Path) -> None:
+    ctx = _context(tmp_path, "usage")
+    why = "PYTORCH_CUDA_ALLOC_CONF per_process_memory_fraction not honoured"
+    found = plan.run_checks(ctx, plan.select(["oom"]), tmp_path / "out", {}, time.monotonic() + 600,
+                            lambda need: why if need == plan.NEEDS_FRACTION else "")
+    assert (found[0].status, found[0].reason) == ("FAIL", why) and ctx.started == 0
+
+
 def test_a_checks_own_crash_still_names_the_runs_error(tmp_path: Path) -> None:
     def broken(ctx: runs.Context, timeout: float) -> list[verdict.Verdict]:
         runs.runner(ctx, "x", ["train"], timeout)

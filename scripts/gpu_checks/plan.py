@@ -89,7 +89,7 @@ def run_checks(ctx: Context, checks: list[Check], out: Path, environment: dict[s
     verdicts: list[verdict.Verdict] = []
     for check in checks:
         began, left = time.monotonic(), deadline - time.monotonic()
-        lacking = [why for why in map(missing, check.needs) if why]
+        lacking = [why for why in map(missing, check.needs) if why] if check.budget <= left else []
         if check.budget > left:
             results = [judge.out_of_time(check.title, check.budget, left, check.ident)]
         elif lacking:
