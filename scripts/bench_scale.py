@@ -21,6 +21,10 @@ paces the feed like one.
     .venv/bin/python scripts/bench_scale.py --steps 20000                   # quick, ~1 min on 2 cores
     .venv/bin/python scripts/bench_scale.py --steps 20000 --step-rate 2000  # paced as a fast training loop
     .venv/bin/python scripts/bench_scale.py                                 # 1,000,000 steps
+    .venv/bin/python scripts/bench_scale.py --steps 2000 --params 2000      # a 2,000-tensor model's histograms
+
+The histograms of a step share one stacked copy, as the trainer's do (runner/probes/tensor_stats.py):
+the hub counts them as one pending heavy event, so none is dropped whatever `--params`.
 """
 
 from __future__ import annotations

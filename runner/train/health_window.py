@@ -50,17 +50,19 @@ class HealthWindow:
         """This rank's first non-finite step of the window (a sync: on the way to a stop only)."""
         return int(self.values[FIELDS.index("first_bad_step")])
 
-    def add(self, step: int, loss: torch.Tensor, finite: torch.Tensor, norms: GradNorms | None,
+    def add(self, step: int, loss: torch.Tensor | None, finite: torch.Tensor, norms: GradNorms | None,
             psnr_input: torch.Tensor | None = None) -> None:
-        """One step: `finite` is whether its loss and gradient norm were finite (device bool);
-        `psnr_input` the summed PSNR of the batch's noisy inputs (denoise), with its count."""
+        """One step: its loss (None for a DDP stand-in step, whose 0 says nothing), whether its loss and
+        gradient norm were finite (device bool), `psnr_input` the summed PSNR of the batch's noisy
+        inputs (denoise) with its count."""
         v = self.values
-        loss = loss.detach().float().reshape(())
-        ok = torch.isfinite(loss)
-        bigger = ok & (loss > v[0])
-        v[1] = torch.where(bigger, step, v[1])
-        v[0] = torch.where(bigger, loss, v[0])
-        v[2] = torch.where(ok & (loss < v[2]), loss, v[2])
+        if loss is not None:
+            loss = loss.detach().float().reshape(())
+            ok = torch.isfinite(loss)
+            bigger = ok & (loss > v[0])
+            v[1] = torch.where(bigger, step, v[1])
+            v[0] = torch.where(bigger, loss, v[0])
+            v[2] = torch.where(ok & (loss < v[2]), loss, v[2])
         if norms is not None:
             total = norms.total.float()
             good = torch.isfinite(total)

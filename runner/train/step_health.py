@@ -74,7 +74,7 @@ class StepHealth:
     def record(self, step: int, done: Computed, finite: torch.Tensor, micros: list[Micro]) -> None:
         """After the update of `step`: its values into the window; its batches kept for a re-run."""
         psnr = input_psnr(done.inputs, done.targets) if self.task == "denoise" and done.samples else None
-        self.window.add(step, done.loss, finite, self.norms, psnr)
+        self.window.add(step, done.loss if done.samples else None, finite, self.norms, psnr)
         if self.on_nan == "stop":
             self._keep(step, micros)
 
