@@ -47,7 +47,7 @@ def measured_peak(model: nn.Module, optimizer_name: str, input_shape: tuple[int,
     torch.backends.cudnn.benchmark = benchmark
     torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
-    optimizer = make_optimizer(optimizer_name, model.parameters(), 1e-3, 0.0)
+    optimizer = make_optimizer(optimizer_name, model.parameters(), 1e-3, 0.0, fused=True)  # as the trainer's
     run_steps(model, optimizer, input_shape, batch, task, amp, device, amp_choice=amp_choice)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
