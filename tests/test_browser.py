@@ -20,8 +20,9 @@ VISDOM_TITLES = ("loss", "metric", f"run {VISDOM_ENV}", "model graph", "model la
                  "weight norms per layer")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
+    """One headless Chromium for the module (each test opens its own pages)."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium")
