@@ -16,16 +16,17 @@ from dashboards import servers
 from dashboards.graph_svg import graph_svg
 from dashboards.visdom import Message, VisdomConnection, VisdomSink, normalize_url, read_log
 from runner.telemetry.events import MemorySample, Scalar
-from tests.support.runs import ROOT, child_pythonpath, run_runner
+from tests.support.runs import ROOT, child_pythonpath, in_process_cli, run_runner
 from tests.support.visdom_server import HungServer, VisdomServer, by_title, free_port, line, logged
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--samples", "32", "--no-progress"]
 
 
 def _train(run_dir: Path, name: str, url: str, *extra: str) -> tuple[int, str]:
-    """A run in experiment `t`: its env is `t_<name>`."""
-    out = run_runner("train", "--run-dir", str(run_dir), "--name", name, "--experiment", "t", "--viz", "visdom",
-                     "--visdom-url", url, *TINY, *extra)
+    """A run in experiment `t` (its env is `t_<name>`), in this process: what these tests check is the sink
+    and the server, not the processes around the trainer."""
+    out = in_process_cli()("train", "--run-dir", str(run_dir), "--name", name, "--experiment", "t", "--viz",
+                           "visdom", "--visdom-url", url, *TINY, *extra)
     return out.code, out.stderr
 
 
