@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.runs import run_runner
+from tests.support.runs import in_process_cli, run_runner
 from tests.support.visdom_server import CHROMIUM_FLAGS, free_port
 
 VISDOM_ENV = "tinyunet-synthetic_demo"  # <experiment>_<run>: the experiment defaults to <model>-<data>
@@ -49,10 +49,10 @@ def test_both_dashboards_render_the_run(tmp_path: Path, browser) -> None:
     up = run_runner("dashboards", "up", "--run-dir", str(runs), "--tb-port", str(tb), "--visdom-port", str(vis))
     try:
         assert up.code == 0, up.stderr
-        train = run_runner("train", "--run-dir", str(runs), "--name", "demo", "--viz", "both", "--visdom-port",
-                           str(vis), "--model", "tinyunet", "--image-size", "16", "--batch-size", "4", "--samples",
-                           "32", "--steps", "6", "--log-every", "2", "--images-every", "3", "--hist-every", "3",
-                           "--no-progress")
+        train = in_process_cli()("train", "--run-dir", str(runs), "--name", "demo", "--viz", "both",
+                                 "--visdom-port", str(vis), "--model", "tinyunet", "--image-size", "16", "--batch-size",
+                                 "4", "--samples", "32", "--steps", "6", "--log-every", "2", "--images-every", "3",
+                                 "--hist-every", "3", "--no-progress")  # in this process: the pages are under test
         assert train.code == 0, train.stderr
 
         page, failed = _open(browser, f"http://127.0.0.1:{vis}/env/{VISDOM_ENV}")

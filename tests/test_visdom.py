@@ -174,7 +174,8 @@ def test_no_server_then_replay(tmp_path: Path) -> None:
     panes = read_log(log)
     assert {"images_samples", "weights", "gradients", "model_graph", "run"} <= set(panes.panes)
     with VisdomServer(tmp_path / "envs") as server:
-        out = run_runner("dashboards", "replay", "offline", "--run-dir", str(tmp_path), "--visdom-url", server.url)
+        out = in_process_cli()("dashboards", "replay", "offline", "--run-dir", str(tmp_path), "--visdom-url",
+                               server.url)
         assert out.code == 0, out.stderr
         windows = by_title(server.windows("t_offline"))
     assert line(windows["loss"])["loss"][0] == [2, 4, 6, 8]
