@@ -20,6 +20,7 @@ from typing import Any
 import tomli_w
 
 from runner.errors import usage_error
+from runner.telemetry import tags
 
 MODELS = ("mlp", "cnn", "resnet18", "tinyunet", "unet")
 DATA_KINDS = ("synthetic", "imagefolder", "paired", "mnist", "cifar10")
@@ -30,6 +31,7 @@ VIZ = ("none", "tensorboard", "visdom", "both")
 STRATEGIES = ("single", "dp", "ddp")
 ON_NAN = ("stop", "skip")
 ON_OOM = ("stop", "retry")
+ON_STALL = ("report", "stop")
 LR_SCHEDULES = ("constant", "cosine", "step", "onecycle")
 MONITOR_MODES = ("min", "max")
 AMP_DTYPES = ("auto", "fp16", "bf16")
@@ -58,7 +60,7 @@ class TrainConfig:
     val_data: str = ""  # the same forms as data; empty: none, or --val-split
     val_split: float = 0.0  # a fraction of data held out for validation (0: none)
     eval_every: int = 0  # steps between evaluations; 0: every epoch (and always at the end)
-    monitor: str = "val/loss"  # the tag best.pt follows
+    monitor: str = tags.val("loss")  # the tag best.pt follows
     monitor_mode: str = "min"
     # optimisation
     steps: int = 0  # 0: from --epochs, else 100
@@ -92,6 +94,7 @@ class TrainConfig:
     rdzv_id: str = ""
     max_restarts: int = 0
     sync_bn: bool = False
+    collective_timeout: float = 300.0  # seconds a collective may wait in steady training (long phases: 30 min)
     # observability
     viz: str = "tensorboard"
     log_every: int = 10
@@ -102,6 +105,9 @@ class TrainConfig:
     graph: bool = True
     visdom_url: str = ""  # empty: http://127.0.0.1:<visdom_port>, started for the run if down
     visdom_port: int = 8097
+    flush_secs: float = 5.0  # every sink's files reach the disk within this long of an event
+    stall_timeout: float | str = "auto"  # seconds without progress; auto: max(60, 10x the median step); 0: off
+    on_stall: str = "report"  # report (the run stays alive) | stop (exit 1 after the capture)
     # run bookkeeping
     run_dir: str = "runs"
     name: str = ""
@@ -151,6 +157,8 @@ def _coerce(name: str, value: Any) -> Any:
             if str(value).lower() == "auto":
                 return "auto"
             return int(value)
+        if name == "stall_timeout":
+            return "auto" if str(value).lower() == "auto" else float(value)
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -250,8 +258,29 @@ def _unprintable(text: str) -> bool:
     return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text)
 
 
+def _check_liveness(cfg: TrainConfig) -> None:
+    """--flush-secs, --stall-timeout, --collective-timeout: what keeps a stuck run visible."""
+    if cfg.flush_secs <= 0:
+        raise usage_error(f"flush-secs must be positive, got {cfg.flush_secs}")
+    if cfg.stall_timeout != "auto" and float(cfg.stall_timeout) < 0:
+        raise usage_error(f"stall-timeout must be auto, 0 (off) or a number of seconds, got {cfg.stall_timeout}")
+    if cfg.collective_timeout <= 0:
+        raise usage_error(f"collective-timeout must be positive, got {cfg.collective_timeout}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no torch and no disk beyond the run dir's name."""
+    _validate_workload(cfg)
+    _validate_training(cfg)
+    _validate_choices(cfg)
+    _validate_numbers(cfg)
+    _check_liveness(cfg)
+    _validate_shape(cfg)
+    _validate_names(cfg)
+
+
+def _validate_workload(cfg: TrainConfig) -> None:
+    """--model and --data name something that exists (a built-in, or an import path)."""
     if cfg.model not in MODELS and not IMPORT_PATH.match(cfg.model):
         raise usage_error(f"unknown model {cfg.model!r}: {choice_hint(cfg.model, MODELS)} "
                           "or give an import path package.module:factory")
@@ -263,15 +292,23 @@ def validate(cfg: TrainConfig) -> None:
         )
     if kind in ("imagefolder", "paired", "mnist", "cifar10") and ":" not in cfg.data:
         raise usage_error(f"data {kind} needs a path: --data {kind}:PATH")
-    _validate_training(cfg)
+
+
+def _validate_choices(cfg: TrainConfig) -> None:
+    """Each flag with a fixed set of values has one of them (else: the closest, suggested)."""
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("device", cfg.device, DEVICES)
     _choice("viz", cfg.viz, VIZ)
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("on-nan", cfg.on_nan, ON_NAN)
     _choice("oom", cfg.oom, ON_OOM)
+    _choice("on-stall", cfg.on_stall, ON_STALL)
     _choice("amp-dtype", cfg.amp_dtype, AMP_DTYPES)
     _choice("worker-start-method", cfg.worker_start_method, START_METHODS)
+
+
+def _validate_numbers(cfg: TrainConfig) -> None:
+    """Counts, sizes and rates in range."""
     if cfg.batch_size != "auto" and int(cfg.batch_size) < 1:
         raise usage_error(f"batch-size must be at least 1 (or auto), got {cfg.batch_size}")
     positive = ("image_size", "channels", "num_classes", "samples", "log_every", "images_every",
@@ -286,6 +323,10 @@ def validate(cfg: TrainConfig) -> None:
         raise usage_error(f"lr must be positive, got {cfg.lr}")
     if cfg.system_every <= 0:
         raise usage_error(f"system-every must be positive, got {cfg.system_every}")
+
+
+def _validate_shape(cfg: TrainConfig) -> None:
+    """What the model and --profile need of the sizes and steps."""
     if cfg.model in DENOISE_MODELS and cfg.image_size % 8:
         raise usage_error(f"{cfg.model} halves the image 3 times: image-size must be a multiple of 8, "
                           f"got {cfg.image_size}")
@@ -293,6 +334,10 @@ def validate(cfg: TrainConfig) -> None:
                             and int(cfg.profile.split(":")[0]) <= int(cfg.profile.split(":")[1])):
         raise usage_error(f"profile takes START:STOP steps with 1 <= START <= STOP, e.g. 10:15, "
                           f"got {cfg.profile!r}")
+
+
+def _validate_names(cfg: TrainConfig) -> None:
+    """--name is a folder, --experiment a Visdom env prefix: both printable, neither with a separator."""
     if "/" in cfg.name or cfg.name in (".", ".."):
         raise usage_error(f"name must be a plain folder name, got {cfg.name!r}")
     for key in ("name", "experiment"):
@@ -326,7 +371,7 @@ def _validate_training(cfg: TrainConfig) -> None:
     kind = cfg.val_data.split(":", 1)[0]
     if cfg.val_data and kind not in DATA_KINDS and not IMPORT_PATH.match(cfg.val_data):
         raise usage_error(f"unknown val-data {cfg.val_data!r}: the same forms as --data")
-    if not cfg.monitor.startswith(("val/", "train/")):
+    if not cfg.monitor.startswith((tags.VAL, tags.TRAIN)):
         raise usage_error(f"monitor names a train/ or val/ tag, e.g. val/loss or val/accuracy, got {cfg.monitor!r}")
 
 
