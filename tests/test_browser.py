@@ -93,8 +93,7 @@ def test_visdom_env_keeps_layout_order_and_sits_under_its_experiment(tmp_path: P
     server reloads the env from disk; the env selector lists the env under its experiment."""
     from dashboards.visdom import VisdomSink
     from runner.telemetry.events import Scalar
-    from tests.support.visdom_server import VisdomServer
-    from tests.test_visdom_layout import SCRAMBLED, _deliver
+    from tests.support.visdom_server import SCRAMBLED, VisdomServer, deliver
 
     order = ["loss", "learning rate", "metric", "throughput (samples/s)", "step time breakdown (ms)",
              "process RSS (MiB)", "CPU (%)", "images/samples", "findings", "run exp-a_run1"]
@@ -103,7 +102,7 @@ def test_visdom_env_keeps_layout_order_and_sits_under_its_experiment(tmp_path: P
             sink = VisdomSink(server.url, env, tmp_path / f"{env}.log", send_every=3600)
             for event in SCRAMBLED:
                 sink.write(event)
-                _deliver(sink)
+                deliver(sink)
             sink.write(Scalar(tag="train/loss", step=2, value=0.5))
             sink.close()
         server.kill()

@@ -6,36 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from dashboards.visdom import VisdomSink, env_name
 from runner.config import TrainConfig
-from runner.telemetry.events import Finding, ImageGrid, MemorySample, Scalar, Text
-from tests.support.visdom_server import VisdomServer, by_title, line
+from runner.telemetry.events import Finding, Scalar, Text
+from tests.support.visdom_server import SCRAMBLED, VisdomServer, by_title, deliver, line
 
-# Events in the reverse of the layout's order, and the titles the env must show, in order.
-SCRAMBLED = [
-    Text(tag="status", step=1, text="started"),
-    Finding(tag="findings", step=1, kind="input_bound", severity="warning", message="The GPU waits for data.",
-            evidence={"data_wait_share": 0.6}, advice="Raise --workers."),
-    ImageGrid(tag="images/samples", step=1, image=np.zeros((3, 8, 8), dtype=np.float32)),
-    MemorySample(tag="memory", step=1, values={"rss": 200.0 * (1 << 20), "cpu_percent": 50.0}),
-    Scalar(tag="time/forward_ms", step=1, value=3.0),
-    Scalar(tag="time/backward_ms", step=1, value=5.0),
-    Scalar(tag="train/samples_per_s", step=1, value=100.0),
-    Scalar(tag="train/psnr", step=1, value=20.0),
-    Scalar(tag="train/lr", step=1, value=0.001),
-    Scalar(tag="train/loss", step=1, value=1.0),
-]
+# The titles SCRAMBLED's env must show, in order.
 ORDER = ["loss", "learning rate", "metric", "throughput (samples/s)", "step time breakdown (ms)",
          "process RSS (MiB)", "CPU (%)", "images/samples", "findings", "run e_r"]
-
-
-def _deliver(sink: VisdomSink) -> None:
-    """What the sink has, on the server now (a connection first, then the batch)."""
-    for _ in range(2):
-        sink.flush()
-        assert sink.link.wait_idle(10)
 
 
 def _in_order(windows: dict[str, dict]) -> list[str]:
@@ -55,7 +33,7 @@ def test_panes_follow_the_layout_and_keep_it_after_a_reload(tmp_path: Path) -> N
         sink = VisdomSink(server.url, "e_r", tmp_path / "visdom.log", send_every=3600)
         for event in SCRAMBLED:  # each pane reaches the server before the panes that go before it
             sink.write(event)
-            _deliver(sink)
+            deliver(sink)
         sink.close()
         assert _in_order(server.windows("e_r")) == ORDER
         server.kill()

@@ -11,8 +11,15 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from dashboards import servers
+from runner.telemetry.events import Finding, ImageGrid, MemorySample, Scalar, Text
+
+if TYPE_CHECKING:
+    from dashboards.visdom import VisdomSink
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -137,3 +144,26 @@ def slow_model(channels: int, image_size: int):
             return self.fc(x.flatten(1))
 
     return Slow()
+
+
+# Events in the reverse of the layout's order (tests/test_visdom_layout.py has the order the env must show).
+SCRAMBLED = [
+    Text(tag="status", step=1, text="started"),
+    Finding(tag="findings", step=1, kind="input_bound", severity="warning", message="The GPU waits for data.",
+            evidence={"data_wait_share": 0.6}, advice="Raise --workers."),
+    ImageGrid(tag="images/samples", step=1, image=np.zeros((3, 8, 8), dtype=np.float32)),
+    MemorySample(tag="memory", step=1, values={"rss": 200.0 * (1 << 20), "cpu_percent": 50.0}),
+    Scalar(tag="time/forward_ms", step=1, value=3.0),
+    Scalar(tag="time/backward_ms", step=1, value=5.0),
+    Scalar(tag="train/samples_per_s", step=1, value=100.0),
+    Scalar(tag="train/psnr", step=1, value=20.0),
+    Scalar(tag="train/lr", step=1, value=0.001),
+    Scalar(tag="train/loss", step=1, value=1.0),
+]
+
+
+def deliver(sink: VisdomSink) -> None:
+    """What the sink has, on the server now (a connection first, then the batch)."""
+    for _ in range(2):
+        sink.flush()
+        assert sink.link.wait_idle(10)
