@@ -66,7 +66,7 @@ def test_nan_layer_named_before_the_first_checkpoint(cli, tmp_path: Path, log_ev
 
 
 def test_every_histogram_of_1200_parameter_tensors(cli, tmp_path: Path) -> None:
-    out = cli("train", *TINY, "--image-size", "4", "--model", "tests.support.health_models:many_layers",
+    out = cli("train", *TINY, "--image-size", "4", "--model", "tests.support.models:many_layers",
               "--steps", "10", "--hist-every", "5", "--log-every", "5", "--images-every", "1000", "--viz",
               "tensorboard", "--run-dir", str(tmp_path), "--name", "wide")
     assert out.code == 0, out.stderr

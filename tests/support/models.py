@@ -299,3 +299,16 @@ def dict_denoiser(channels: int) -> nn.Module:
 
 def untraceable(channels: int) -> nn.Module:
     return Untraceable(channels)
+
+
+# --- training health and histograms: many parameter tensors ------------------------------------------
+
+LAYERS = 600  # Linear layers: 1,200 parameter tensors (weight and bias each)
+
+
+def many_layers(channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """Flatten, then 600 small Linear layers: 1,200 parameter tensors, almost no compute."""
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(channels * image_size * image_size, 4)]
+    layers += [nn.Linear(4, 4) for _ in range(LAYERS - 2)]
+    layers.append(nn.Linear(4, num_classes))
+    return nn.Sequential(*layers)
