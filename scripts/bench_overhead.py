@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from runner.config import resolve
 from runner.data import SyntheticDenoise
 from runner.models import UNet
+from runner.telemetry import tags
 
 STEPS, BATCH, SIZE, SAMPLES, EVERY = 200, 8, 64, 512, 50
 
@@ -110,20 +111,20 @@ def bare(run_dir: Path | None, steps: int | None = None) -> Timing:
                 from torchvision.utils import make_grid
 
                 took = time.perf_counter() - began
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/psnr", _psnr(output, clean).item(), step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                writer.add_scalar("train/samples_per_s", BATCH / took, step)
-                writer.add_scalar("time/step_ms", 1000 * took, step)
-                writer.add_scalar("time/data_wait_ms", 1000 * (began - waited), step)
-                writer.add_scalar("memory/rss", process.memory_info().rss, step)
-                writer.add_scalar("system/cpu_percent", process.cpu_percent(None), step)
+                writer.add_scalar(tags.LOSS, loss.item(), step)
+                writer.add_scalar(tags.train("psnr"), _psnr(output, clean).item(), step)
+                writer.add_scalar(tags.LR, optimizer.param_groups[0]["lr"], step)
+                writer.add_scalar(tags.SAMPLES_PER_S, BATCH / took, step)
+                writer.add_scalar(tags.STEP_MS, 1000 * took, step)
+                writer.add_scalar(tags.DATA_WAIT_MS, 1000 * (began - waited), step)
+                writer.add_scalar(tags.reading("rss"), process.memory_info().rss, step)
+                writer.add_scalar(tags.reading("cpu_percent"), process.cpu_percent(None), step)
                 if step % EVERY == 0 or step == 1:
                     for name, param in model.named_parameters():
-                        writer.add_histogram(f"weights/{name}", param, step)
-                        writer.add_histogram(f"grads/{name}", param.grad, step)
+                        writer.add_histogram(tags.weights(name), param, step)
+                        writer.add_histogram(tags.grads(name), param.grad, step)
                     rows = [noisy[:8], output[:8].detach().clamp(0, 1), clean[:8]]
-                    writer.add_image("images/samples", make_grid(torch.cat(rows), nrow=8), step)
+                    writer.add_image(tags.IMAGES_SAMPLES, make_grid(torch.cat(rows), nrow=8), step)
             if step >= steps:
                 break
             waited = time.perf_counter()
@@ -287,20 +288,20 @@ def lightning(run_dir: Path) -> Timing:
             noisy, clean = batch
             output = self(noisy)
             loss = F.mse_loss(output, clean)
-            self.log("train/loss", loss, on_step=True)
-            self.log("train/psnr", _psnr(output, clean), on_step=True)
+            self.log(tags.LOSS, loss, on_step=True)
+            self.log(tags.train("psnr"), _psnr(output, clean), on_step=True)
             step = self.global_step + 1
             if step % EVERY == 0 or step == 1:
                 rows = [noisy[:8], output[:8].detach().clamp(0, 1), clean[:8]]
-                self.logger.experiment.add_image("images/samples", make_grid(torch.cat(rows), nrow=8), step)
+                self.logger.experiment.add_image(tags.IMAGES_SAMPLES, make_grid(torch.cat(rows), nrow=8), step)
             return loss
 
         def on_before_optimizer_step(self, _optimizer: torch.optim.Optimizer) -> None:
             step = self.global_step + 1
             if step % EVERY == 0 or step == 1:
                 for name, param in self.named_parameters():
-                    self.logger.experiment.add_histogram(f"weights/{name}", param, step)
-                    self.logger.experiment.add_histogram(f"grads/{name}", param.grad, step)
+                    self.logger.experiment.add_histogram(tags.weights(name), param, step)
+                    self.logger.experiment.add_histogram(tags.grads(name), param.grad, step)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -352,7 +353,7 @@ def ignite(run_dir: Path) -> Timing:
 
     engine = Engine(update)
     logger = TensorboardLogger(log_dir=str(run_dir))
-    logger.attach(engine, log_handler=OutputHandler(tag="train", output_transform=lambda out: out),
+    logger.attach(engine, log_handler=OutputHandler(tag=tags.TRAIN.removesuffix("/"), output_transform=lambda out: out),
                   event_name=Events.ITERATION_COMPLETED)
     every = Events.ITERATION_COMPLETED(every=EVERY) | Events.ITERATION_COMPLETED(once=1)
     logger.attach(engine, log_handler=WeightsHistHandler(model), event_name=every)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.telemetry.events import Event, Histogram, ImageGrid, MemorySample, Scalar, Sink
 from runner.telemetry.hub import Hub
+from runner.telemetry.tags import BACKLOG, IMAGES_SAMPLES, MEMORY_SAMPLE, grads, train, weights
 
 SCENARIOS = ("bare", "tensorboard", "visdom", "visdom-hung", "all")
 MIB = float(1 << 20)
@@ -117,8 +118,8 @@ def build_sinks(scenario: str, out: Path, visdom_url: str, hung_url: str) -> lis
 def feed(hub: Hub, steps: int, tags: int, every: int, params: int, step_rate: float = 0.0) -> int:
     """The synthetic stream, at most `step_rate` steps a second (0: as fast as it goes); returns the number
     of events emitted."""
-    names = [f"train/s{i}" for i in range(tags)]
-    hist_names = [f"{kind}/layer{i}.weight" for i in range(params) for kind in ("weights", "grads")]
+    names = [train(f"s{i}") for i in range(tags)]
+    hist_names = [kind(f"layer{i}.weight") for i in range(params) for kind in (weights, grads)]
     rows = np.concatenate([np.tile([-1.0, 1.0, 4096.0, 0.0, 1365.0], (len(hist_names), 1)),
                            np.full((len(hist_names), 64), 64.0)], axis=1)
     yy, xx = np.mgrid[0:66, 0:130] / 130.0
@@ -129,13 +130,13 @@ def feed(hub: Hub, steps: int, tags: int, every: int, params: int, step_rate: fl
             time.sleep(max(0.0, started + step / step_rate - time.perf_counter()))
         for name in names:
             emit(Scalar(tag=name, step=step, value=1.0 / step))
-        emit(MemorySample(tag="memory", step=step, values={"rss": 1e9 + step, "workers_rss": 5e8, "workers": 2.0,
+        emit(MemorySample(tag=MEMORY_SAMPLE, step=step, values={"rss": 1e9 + step, "workers_rss": 5e8, "workers": 2.0,
                                                              "cpu_percent": 50.0, "host_available": 2e10}))
         emitted += len(names) + 1
         if step % every == 0:
             for row, name in enumerate(hist_names):
                 emit(Histogram(tag=name, step=step, data=rows, row=row))
-            emit(ImageGrid(tag="images/samples", step=step, image=picture, caption="rows: input | output"))
+            emit(ImageGrid(tag=IMAGES_SAMPLES, step=step, image=picture, caption="rows: input | output"))
             emitted += len(hist_names) + 1
     return emitted
 
@@ -167,7 +168,7 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     peak = rss.stop()
     return {
         "scenario": args.scenario, "events": emitted, "feed_s": fed - started, "close_s": ended - fed,
-        "closed": closed, "backlog_at_feed_end": health["telemetry/backlog"], "dropped": hub.dropped,
+        "closed": closed, "backlog_at_feed_end": health[BACKLOG], "dropped": hub.dropped,
         "rss_start": rss.start, "rss_fed": rss_fed, "rss_peak": peak,
         "sinks": [{"name": s.name, "written": s.written, "drained_s": (s.last or ended) - started} for s in sinks],
         "disk": disk_sizes(out, Path(args.env_path)),
