@@ -51,7 +51,7 @@ test: setup browser
 # Style and bugs (ruff), the layering and the torch-free commands (import-linter, contracts in pyproject.toml),
 # types of the torch-free packages (mypy, [tool.mypy] in pyproject.toml).
 lint: setup
-	$(BIN)/ruff check runner dashboards scripts tests
+	$(BIN)/ruff check runner dashboards scripts tests examples
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
