@@ -61,7 +61,6 @@ class StepRunner:
         self.optimizer, self.scaler, self.autocast, self.scheduler = optimizer, scaler, autocast, scheduler
         self.clip_grad_norm, self.device, self.channels_last = clip_grad_norm, device, channels_last
         self.one = torch.ones((), device=device)  # reads GradScaler's scale on the device: scale(one)
-        self.last_grad_norm: torch.Tensor | None = None  # the latest step's pre-clip norm (with clipping)
 
     def compute(self, micros: list[Micro], clock: StepClock,
                 probe: Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager]) -> Computed:
@@ -120,7 +119,6 @@ class StepRunner:
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
             else:
                 torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.clip_grad_norm, norm)
-            self.last_grad_norm = norm
             clip = (norm, norm > self.clip_grad_norm)
         if self.scaler is None:
             self.optimizer.step()
