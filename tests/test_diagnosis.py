@@ -143,8 +143,9 @@ def test_dashboard_trouble_when_visdom_is_unreachable(cli, tmp_path: Path, monke
     """Nothing listens on the Visdom URL: the hub's `telemetry/unreachable_s` grows at each log point.
     The threshold is lowered from 30 s so that the run stays short; the path is the real one."""
     monkeypatch.setattr(rules, "UNREACHABLE_S", 1.0)
-    findings, console = train(cli, tmp_path, "away", "--model", "mlp", "--data", "tests.support.models:slow_data",
-                              "--batch-size", "2", "--steps", "6", "--log-every", "1", "--viz", "visdom",
+    findings, console = train(cli, tmp_path, "away", "--model", "mlp",
+                              "--data", "tests.support.models:input_bound_data",  # 0.4 s a step: past 1 s by step 4
+                              "--batch-size", "2", "--steps", "8", "--log-every", "1", "--viz", "visdom",
                               "--visdom-url", "http://127.0.0.1:8399", "--images-every", "1000", "--hist-every", "1000")
     finding = only(findings, "dashboard_trouble")
     assert finding["evidence"]["unreachable_s"] >= 1.0 and "runner dashboards replay" in finding["advice"]
