@@ -36,5 +36,5 @@ with runner.observe(model, optimizer, name="own-loop", task="classify", steps=st
             step += 1
             if step == steps or obs.should_stop:
                 break
-        with torch.no_grad():
+        with obs.evaluating(), torch.no_grad():  # validation: its time apart from the steps'
             obs.eval({"loss": loss_fn(model(x), y)})  # validation values: val/<name>

@@ -71,6 +71,7 @@ def test_plain_loop_fills_tensorboard_visdom_and_the_run_files(tmp_path: Path) -
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 24 and summary["total_steps"] == 24
     _parts_add_up(summary)
+    assert summary["memory"]["peak_bytes"]["memory/workers_rss"] == 0  # no workers; the stall watcher is none
     findings = json.loads((run / "findings.json").read_text())
     assert "input_bound" in {f["kind"] for f in findings}  # the slow dataset: the same rules as runner train
     env = json.loads((run / "env.json").read_text())
@@ -80,19 +81,20 @@ def test_plain_loop_fills_tensorboard_visdom_and_the_run_files(tmp_path: Path) -
 
     from runner.procs import registry
 
-    assert [r.run_path for r in registry.load_runs()] == [str(run.resolve())]  # `runner runs` sees it
+    runs = registry.load_runs()  # what `runner runs` and `runner cleanup` go by
+    assert [(r.run_path, r.exit_code) for r in runs] == [(str(run.resolve()), 0)]
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "examples" / "own_loop_ddp.py"), "20"]
+           str(ROOT / "examples" / "own_loop_ddp.py"), "10"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path, RUNNER_VIZ="tensorboard"),
                           cwd=ROOT, timeout=180)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "own-loop-ddp"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["step"] == 20
+    assert summary["status"] == "finished" and summary["step"] == 10
     assert set(summary["time"]["step_ms_by_rank"]) == {"rank0", "rank1"}  # every rank's time reached rank 0
     assert {"memory/rss/rank0", "memory/rss/rank1"} <= set(summary["memory"]["peak_bytes"])  # and its memory
     _parts_add_up(summary)
@@ -113,13 +115,13 @@ def test_ctrl_c_stops_the_loop_cleanly(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no log point"
             try:
-                if json.loads(summary_path.read_text()).get("step", 0) >= 4:
-                    break
+                stepped = json.loads(summary_path.read_text()).get("step", 0) >= 4
             except (OSError, ValueError):
-                pass
+                stepped = False
+            family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+            if stepped and len(family) >= 4:  # the loop, its stall watcher and its two DataLoader workers
+                break
             time.sleep(0.1)
-        family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        assert len(family) >= 3  # the loop and its two DataLoader workers
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C sends: the whole foreground group
         out, err = proc.communicate(timeout=60)
     finally:
@@ -128,8 +130,44 @@ def test_ctrl_c_stops_the_loop_cleanly(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "stopping after this step" in err and "loop ended at step" in out
     assert json.loads(summary_path.read_text())["status"] == "stopped"
+    from runner.procs import registry
+
+    assert [r.exit_code for r in registry.load_runs()] == [130]  # `runner runs`: stopped by SIGINT
     time.sleep(0.5)
     assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+STUCK = """import time
+import torch
+import runner
+
+model = torch.nn.Linear(4, 2)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+with runner.observe(model, optimizer, name="stuck", stall_timeout=1, log_every=2, viz="none", progress=False) as obs:
+    for step in range(1, 11):
+        loss = model(torch.rand(8, 4)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        obs.step(loss=loss)
+        if step == 6:
+            time.sleep(4)  # stuck between steps for a while
+"""
+
+
+@pytest.mark.slow
+def test_stall_watch_reports_a_stuck_own_loop(tmp_path: Path) -> None:
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(tmp_path),
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    findings = json.loads((tmp_path / "stuck" / "findings.json").read_text())
+    stalled = [f for f in findings if f["kind"] == "stalled"]
+    assert stalled, findings  # the watcher process saw it, the loop's hub wrote it
+    line = STUCK.splitlines().index("            time.sleep(4)  # stuck between steps for a while") + 1
+    assert stalled[0]["evidence"]["ranks"][0]["frame"] == f"{script}:{line}"
+    assert "stalled at step 6" in done.stderr and (tmp_path / "stuck" / "stall").is_dir()
 
 
 def test_options_mirror_the_train_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -151,7 +189,79 @@ def test_options_mirror_the_train_flags(monkeypatch: pytest.MonkeyPatch, tmp_pat
         observe(model, optimizer, log_every=0)
 
 
+def test_loss_only_loop_that_fails_in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No task and no batch given: the loss and the time breakdown only; an exception ends the run as
+    failed, and the hooks and signal handlers are gone afterwards."""
+    import torch
+
+    import runner
+
+    monkeypatch.setenv("RUNNER_RUN_DIR", str(tmp_path))
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(ValueError, match="broken batch"), \
+            runner.observe(model, optimizer, name="fails", viz="none", log_every=2, progress=False,
+                           stall_timeout=0) as obs:
+        for step in range(1, 6):
+            loss = model(torch.rand(8, 4)).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            obs.step(loss=loss.item(), samples=8)  # a float works too
+            if step == 5:
+                raise ValueError("broken batch")
+    summary = json.loads((tmp_path / "fails" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "broken batch" in summary["status_text"]
+    assert summary["step"] == 5 and set(summary["scalars"]) >= {"train/loss", "time/step_ms", "train/loss_max"}
+    assert not any(k.startswith("train/acc") for k in summary["scalars"])  # no task, no metric
+    assert not model._forward_pre_hooks and not model._forward_hooks and not optimizer._optimizer_step_pre_hooks
+    assert signal.getsignal(signal.SIGINT) is handler
+    from runner.procs import registry
+
+    assert [r.exit_code for r in registry.load_runs()] == [1] and "RUNNER_RUN_ID" not in os.environ
+
+
 def test_import_runner_stays_light() -> None:
     code = "import sys, runner; print('torch' in sys.modules, callable(runner.observe), 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.stdout.split() == ["False", "True", "True"], done.stderr
+
+
+def test_hooks_enter_the_parts_in_the_order_cuda_events_need() -> None:
+    """CUDA's event set per step is recorded at h2d, forward, backward, optimizer, telemetry in that
+    order (runner/train/step_clock.py); the own loop's hooks must keep it, also when the output's
+    gradient hook cannot fire, and stay out of forwards without autograd."""
+    import torch
+
+    from runner.own_loop.timing import StepTiming
+    from runner.train.step_clock import StepClock
+
+    class Recording(StepClock):
+        def __init__(self) -> None:
+            super().__init__(torch.device("cpu"))
+            self.entered: list[str] = []
+
+        def enter(self, part: str) -> None:
+            self.entered.append(part)
+            super().enter(part)
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clock = Recording()
+    updates: list[str] = []
+    timing = StepTiming(model, optimizer, clock, lambda: updates.append("norms"), lambda: updates.append("hist"))
+    evented = ("h2d", "forward", "backward", "optimizer", "telemetry")
+    for detached in (False, True):
+        clock.entered.clear()
+        out = model(torch.rand(4, 3))
+        loss = model.weight.sum() if detached else out.pow(2).mean()  # detached: the output's hook never fires
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model(torch.rand(4, 3))  # an evaluation's forward: no part of the step
+        seen = [p for p in clock.entered if p in evented]
+        assert seen[:5] == list(evented), clock.entered
+    assert updates == ["norms", "hist"] * 2
+    timing.remove()
+    assert not model._forward_hooks and not optimizer._optimizer_step_post_hooks

@@ -12,10 +12,13 @@ values are read at log points, whose one sync (the window's reduction) lands eve
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,10 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from runner.config import TrainConfig
+from runner.data import shutdown_loader
 from runner.diagnosis import provenance
 from runner.own_loop.timing import StepTiming
+from runner.own_loop.watch import OwnLoopWatch
 from runner.probes.memory import MemoryProbe
 from runner.probes.model_graph import trace_graph
+from runner.procs import registry
 from runner.procs.run_tag import Membership, join_run
 from runner.procs.signals import STOP_SIGNALS, GracefulStop, deferred
 from runner.procs.worker_guard import guarded_worker_init
@@ -36,6 +42,8 @@ from runner.tasks import make_task
 from runner.telemetry import tags
 from runner.telemetry.events import Scalar
 from runner.telemetry.hub import Hub
+from runner.train.grad_norms import GradNormMeter, GradNorms
+from runner.train.health_window import HealthWindow
 from runner.train.log_window import LogWindow
 from runner.train.reporting import Reporter
 from runner.train.sinks import build_sinks
@@ -72,6 +80,11 @@ def _batch_size(inputs: Any) -> int:
     return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() else 1
 
 
+def _signal_code(name: str | None) -> int:
+    """0, or the exit code a process ended by that stop signal has (130 for SIGINT)."""
+    return 128 + signal.Signals[name].value if name else 0
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -103,6 +116,7 @@ class Observer:
         self._membership: Membership | None = None
         self._owns_group = False
         self._started = False
+        self._log_level: int | None = None  # the runner logger's level, lowered to warnings on ranks > 0
 
     # --- the run's start and end -------------------------------------------------------------
 
@@ -115,22 +129,31 @@ class Observer:
         else:
             log.warning("runner.observe outside the main thread: Ctrl+C does not set obs.should_stop")
         self._membership = join_run(cfg.name, str(cfg.run_path.resolve()))
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.watch = OwnLoopWatch(cfg, self._membership.run_id, rank, world)
         try:
+            self.watch.start()  # before the process group: joining it may hang too
             self._owns_group = not (dist.is_available() and dist.is_initialized())
             self.strategy: Strategy = make_strategy(cfg)
             self._owns_group = self._owns_group and dist.is_available() and dist.is_initialized()
             self.strategy.device = self.device  # the caller placed the model: its device is the run's
             prepare_run_dir(cfg)
-            self.probe = MemoryProbe(self.device, cfg.system_every)
+            watcher = frozenset([self.watch.watcher.pid] if self.watch.watcher is not None else [])
+            self.probe = MemoryProbe(self.device, cfg.system_every, not_workers=watcher)  # workers: the loader's
             self.reporter = Reporter(cfg, self.strategy, self.task, self.probe)
             if self.strategy.is_writer:
                 provenance.write(cfg.run_path, cfg.to_dict(), self.strategy.world_size, extra=self._loop_record())
                 self.reporter.hub = Hub(build_sinks(cfg, cfg.steps))
+                self.watch.feed_into(self.reporter.hub.emit)
             else:
-                log.setLevel(logging.WARNING)
+                self._log_level = log.level
+                log.setLevel(logging.WARNING)  # rank 0 says what every rank would; warnings still come from all
             self.window = LogWindow(self.device)
             self.clock = StepClock(self.device)
-            self.timing = StepTiming(self.model, self.optimizer, self.clock, self._after_update)
+            self.meter = GradNormMeter(self.raw_model)  # gradient norms every step, as runner train's
+            self.health = HealthWindow(self.device, self.meter.names)
+            self.norms: GradNorms | None = None
+            self.timing = StepTiming(self.model, self.optimizer, self.clock, self._before_update, self._after_update)
         except BaseException:
             self._close()
             raise
@@ -151,15 +174,16 @@ class Observer:
                     status, text = "finished", f"finished at step {self.step_count}"
                 self.reporter.end(self.step_count, self.batch_size, text, status)
         finally:
-            self._close()
+            self._close(1 if exc is not None else _signal_code(self.stop.reason()))
 
-    def _close(self) -> None:
-        """Undo everything __enter__ did, in reverse, whatever failed."""
+    def _close(self, code: int = 1) -> None:
+        """Undo everything __enter__ did, in reverse, whatever failed; `code`: how the run ended, as an
+        exit code would say it (0, 128 + a stop signal, 1), for the registry (`runner runs`)."""
         try:
+            if hasattr(self, "watch"):
+                self.watch.stop()  # the teardown (the dashboards' last deliveries) is nothing to watch
             if hasattr(self, "timing"):
                 self.timing.remove()
-            from runner.data import shutdown_loader
-
             for loader in list(self._loaders):
                 shutdown_loader(loader)
             if hasattr(self, "probe"):
@@ -170,9 +194,25 @@ class Observer:
             if self._owns_group and hasattr(self, "strategy"):
                 self.strategy.close()
             if self._membership is not None:
+                self._ended(code)
                 self._membership.leave()
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
+            if self._log_level is not None:
+                log.setLevel(self._log_level)
+
+    def _ended(self, code: int) -> None:
+        """Record the end in the registry where this process started the run (a hand-started torchrun's
+        runs belong to its agent): the run is over, though the process may go on (a notebook)."""
+        run_id = self._membership.run_id if self._membership is not None else None
+        if run_id is None or not self._membership.set_tag or "TORCHELASTIC_RUN_ID" in os.environ:
+            return
+        run = registry.load_run(registry.runs_dir() / run_id)
+        if run is not None:
+            try:
+                registry.finish_run(run, code)
+            except OSError as exc:
+                log.warning("run registry: the end of %s not recorded (%s)", run_id, exc)
 
     def _loop_record(self) -> dict[str, Any]:
         """What env.json says about the caller's loop beyond the config: model and optimizer as given."""
@@ -206,29 +246,36 @@ class Observer:
 
     # --- every step --------------------------------------------------------------------------
 
-    def step(self, loss: torch.Tensor | float | None = None, inputs: Any = None, outputs: Any = None,
-             targets: Any = None, samples: int | None = None) -> None:
+    def step(self, loss: torch.Tensor | float, inputs: Any = None, outputs: Any = None, targets: Any = None,
+             samples: int | None = None) -> None:
         """One optimizer step done: its loss (a tensor is never read here), and optionally the batch's
-        inputs, the model's outputs and the targets (image grids, the task's metrics, the graph)."""
+        inputs, the model's outputs and the targets (image grids, the task's metrics, the graph);
+        `samples`: the batch's size where `inputs` (its first dimension) does not say it."""
         self.clock.enter("telemetry")
         if not self._started:
             self._start(inputs)
         self.step_count += 1
+        self.watch.step(self.step_count)
         n = samples or _batch_size(inputs)
-        if loss is None:
-            value = torch.zeros((), device=self.device)
-        elif isinstance(loss, torch.Tensor):
+        if isinstance(loss, torch.Tensor):
             value = loss.detach().float().reshape(())
         else:
             value = torch.tensor(float(loss), device=self.device)
         metrics = self.task.metrics(outputs, targets) if outputs is not None and targets is not None else {}
-        self.window.add(value * n, metrics, n, torch.isfinite(value), None)
+        norms, self.norms = self.norms, None
+        finite = torch.isfinite(value) & torch.isfinite(norms.total) if norms is not None else torch.isfinite(value)
+        self.window.add(value * n, metrics, n, finite, None)
+        self.health.add(self.step_count, value, finite, norms)
         usable = inputs is not None and outputs is not None and targets is not None
         self.reporter.observe(self.step_count, self.raw_model, inputs if usable else None, outputs, targets,
                               with_histograms=False)  # taken after the update (_after_update)
         if self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps:
             self._log_point()
         self.clock.enter("data_wait")
+
+    def _before_update(self) -> None:
+        """The optimizer's pre-hook: this step's gradient norms (device work; read at the log point)."""
+        self.norms = self.meter.measure()
 
     def _after_update(self) -> None:
         """The optimizer's post-hook: histograms of the step about to be reported, gradients included."""
@@ -243,6 +290,17 @@ class Observer:
                 value = value.detach().float().reshape(())
             total, count = self._user.get(name, (0.0, 0))
             self._user[name] = (total + value, count + 1)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Around the loop's own validation: its time stays out of the step breakdown (it would read as
+        data wait, the gap between steps) and the stall watch allows it an evaluation's longer time."""
+        self.timing.paused = True
+        try:
+            with self.clock.apart():
+                yield
+        finally:
+            self.timing.paused = False
 
     def eval(self, values: dict[str, Any], step: int | None = None) -> None:
         """Validation values, logged now as `val/<name>` (read at once: evaluation is not a training step)."""
@@ -259,14 +317,17 @@ class Observer:
         """The window reduced over ranks (the one sync), the loop's own values, then the Reporter's log point."""
         steps = self.window.steps
         self.clock.enter("other")  # the sync waits for the device and the other ranks
-        totals = self.window.reduce(self.strategy, 0, self.stop.reason() is not None, None)
+        rank, world = self.strategy.rank, self.strategy.world_size
+        totals = self.window.reduce(self.strategy, 0, self.stop.reason() is not None, None,
+                                    extra=self.health.for_reduce(rank, world))
         self.clock.enter("telemetry")
         times = self.clock.window(steps)
+        health = self.health.read(totals.extra, world)
         if totals.stops and self.agreed_stop is None:
             self.agreed_stop = self.stop.reason() or "a stop request on another rank"
         self._emit_user_values()
         lr = self.optimizer.param_groups[0].get("lr", 0.0)
-        self.reporter.log_point(self.step_count, steps, totals, times, float(lr), 0, None)
+        self.reporter.log_point(self.step_count, steps, totals, times, float(lr), 0, None, health)
         self.probe.reset_peak()
 
     def _emit_user_values(self) -> None:

@@ -4,13 +4,16 @@
     model forward pre-hook         → forward (through h2d, so that CUDA's event set starts there)
     first output's gradient hook   → backward (autograd reached the model: the loss's own backward is tiny)
     end of that backward pass      → other (a callback queued on autograd's engine, after DDP's)
-    optimizer step pre-hook        → optimizer
+    optimizer step pre-hook        → optimizer (its device time includes the gradient norms)
     optimizer step post-hook       → telemetry (histograms, with the gradients), then other (zero_grad...)
     obs.step()                     → telemetry, then data_wait until the next forward
 
-So data wait is the gap between steps (it includes the loop's own host→device copy, which cannot be
-told apart from outside). Each hook is a clock read and a dict update: no sync, nothing per parameter.
-Forwards without autograd (an evaluation under no_grad) are not a step's and are left alone.
+Data wait is the gap between steps (it includes the loop's own host→device copy, which cannot be told
+apart from outside). On CUDA the step clock records an event at h2d, forward, backward, optimizer and
+telemetry, in that order, once per step (the first telemetry closes the step's event set): the hooks
+keep that order. A hook itself is a clock read; the gradient norms and histograms it calls for are
+device work without a sync, as in `runner train`. Forwards without autograd (an evaluation under
+no_grad) are not a step's and are left alone.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ class StepTiming:
     (runner's own forward passes: the graph trace)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clock: StepClock,
-                 after_update: Callable[[], None]) -> None:
-        self.clock, self.after_update = clock, after_update
+                 before_update: Callable[[], None], after_update: Callable[[], None]) -> None:
+        self.clock, self.before_update, self.after_update = clock, before_update, after_update
         self.paused = False
+        self.backward_seen = False  # this step's backward reached the model (its hook fired)
         self.handles = [model.register_forward_pre_hook(self._forward),
                         model.register_forward_hook(self._forward_done),
                         optimizer.register_step_pre_hook(self._optimizer),
@@ -48,6 +52,7 @@ class StepTiming:
     def _forward(self, _module: nn.Module, _args: Any) -> None:
         if self.paused or not torch.is_grad_enabled():
             return
+        self.backward_seen = False
         self.clock.enter("h2d")
         self.clock.enter("forward")
 
@@ -59,6 +64,7 @@ class StepTiming:
             tensor.register_hook(self._backward)
 
     def _backward(self, _grad: torch.Tensor) -> None:
+        self.backward_seen = True
         self.clock.enter("backward")
         torch.autograd.Variable._execution_engine.queue_callback(self._requeue)
 
@@ -71,7 +77,11 @@ class StepTiming:
         self.clock.enter("other")
 
     def _optimizer(self, *_args: Any) -> None:
+        if not self.backward_seen:  # a backward the output's hook missed: the parts keep their order
+            self.clock.enter("backward")
+            self.backward_seen = True
         self.clock.enter("optimizer")
+        self.before_update()  # gradient norms, while the gradients are final (device work)
 
     def _optimizer_done(self, *_args: Any) -> None:
         self.clock.enter("telemetry")

@@ -29,7 +29,7 @@ class ConsoleSink(Sink):
 
             self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), transient=False)
-            self._task = self._progress.add_task(run_name, total=total_steps, stats="")
+            self._task = self._progress.add_task(run_name, total=total_steps or None, stats="")
             self._progress.start()
 
     def _stats(self) -> str:
@@ -40,9 +40,12 @@ class ConsoleSink(Sink):
         if isinstance(event, Scalar) and event.tag in _SHOWN:
             self.latest[event.tag] = float(event.value)
         elif isinstance(event, LogPoint) and not self.live:
-            print(f"[{self.name}] step {event.step}/{self.total}  {self._stats()}", file=sys.stderr, flush=True)
+            of = f"/{self.total}" if self.total else ""  # an own loop may not know its steps (runner.observe)
+            print(f"[{self.name}] step {event.step}{of}  {self._stats()}", file=sys.stderr, flush=True)
         elif isinstance(event, Text) and event.tag == tags.STATUS:
             self._print(f"[{self.name}] {event.text}")
+        elif isinstance(event, Finding) and event.tag == tags.STALL_FINDINGS:
+            pass  # the stall watch printed it on this terminal itself (it must work while we are stuck)
         elif isinstance(event, Finding) and (event.kind, event.message) not in self.shown:
             self.shown.add((event.kind, event.message))
             self._print(finding_line(self.name, event))

@@ -17,7 +17,7 @@ class SlowData(torch.utils.data.Dataset):
         return 64
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        time.sleep(0.005)
+        time.sleep(0.01)
         return torch.rand(3, 16, 16), index % 10
 
 
@@ -40,6 +40,6 @@ with runner.observe(model, optimizer, name=name, experiment="t", task="classify"
             step += 1
             if obs.should_stop or step == steps:
                 break
-        with torch.no_grad():
+        with obs.evaluating(), torch.no_grad():  # validation: its time apart from the steps'
             obs.eval({"loss": nn.functional.cross_entropy(model(x), y)})
 print(f"loop ended at step {step}", flush=True)
