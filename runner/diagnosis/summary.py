@@ -15,7 +15,8 @@ from runner.procs import proc_table
 from runner.telemetry import tags
 from runner.telemetry.events import Event, HParams, MemorySample, Scalar, Text
 
-SUMMARY_PREFIXES = (tags.TRAIN, tags.VAL, tags.TIME, tags.TELEMETRY, tags.MEMORY, tags.SYSTEM)  # per-layer norms stay out
+# Per-layer norms stay out.
+SUMMARY_PREFIXES = (tags.TRAIN, tags.VAL, tags.TIME, tags.TELEMETRY, tags.MEMORY, tags.SYSTEM)
 PER_RANK = re.compile(r"/rank\d+$")
 ENDED = (("finished", "finished"), ("stopped", "stopped"), ("failed", "failed"))
 
@@ -50,11 +51,12 @@ class RunSummary:
                     self.throughput.append(value)
         elif isinstance(event, MemorySample):
             for tag, value in event.series().items():
-                if tag.startswith(tags.MEMORY) and "host_available" not in tag and value > self.peaks.get(tag, -math.inf):
+                peak = tag.startswith(tags.MEMORY) and "host_available" not in tag
+                if peak and value > self.peaks.get(tag, -math.inf):
                     self.peaks[tag] = value
         elif isinstance(event, Text):
             self._text(event)
-        elif isinstance(event, HParams) and getattr(event, "status", ""):
+        elif isinstance(event, HParams) and event.status:
             self.status = next((s for prefix, s in ENDED if event.status.startswith(prefix)), self.status)
 
     def _text(self, event: Text) -> None:

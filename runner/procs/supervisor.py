@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -105,10 +106,8 @@ class _Forwarder:
         if self.child is None:
             return
         if len(self.received) == 1:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.child, self.received[0])
-            except ProcessLookupError:
-                pass
             if self.notes_dir is not None and self.failure is None:
                 signal.setitimer(signal.ITIMER_REAL, STOP_GRACE)
         else:
@@ -163,20 +162,26 @@ def _reap_leftovers(me: int) -> list[Target]:
     return left
 
 
+def _register_run(run_id: str, cfg: TrainConfig, root: tuple[int, int]) -> registry.RunRecord | None:
+    """The run's registry record, with the supervisor in it; None (and a warning) where it cannot be written."""
+    try:
+        run = registry.create_run(run_id, cfg.name, str(cfg.run_path.resolve()), root)
+        registry.register_process(run_id, "supervisor")
+        registry.prune()
+        return run
+    except OSError as exc:
+        print(f"runner: warning: run registry {registry.state_dir()} not writable ({exc}); "
+              "`runner cleanup` will go by process tags only", file=sys.stderr)
+        return None
+
+
 def supervise(cmd: list[str], cfg: TrainConfig) -> int:
     """Run `cmd` as the run's child, forward signals, reap what it leaves; return its exit code."""
     me = os.getpid()
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     root = (me, proc_table.start_ticks(me) or 0)
     run_id = new_run_id()
-    run: registry.RunRecord | None = None
-    try:
-        run = registry.create_run(run_id, cfg.name, str(cfg.run_path.resolve()), root)
-        registry.register_process(run_id, "supervisor")
-        registry.prune()
-    except OSError as exc:
-        print(f"runner: warning: run registry {registry.state_dir()} not writable ({exc}); "
-              "`runner cleanup` will go by process tags only", file=sys.stderr)
+    run = _register_run(run_id, cfg, root)
     env = dict(os.environ, RUNNER_RUN_NAME=cfg.name)
     env[TAG_ENV], env[ROOT_ENV] = run_id, format_root(root)
     notes_dir = Path(tempfile.mkdtemp(prefix="runner-notes-")) if cfg.strategy == "ddp" else None
@@ -188,11 +193,9 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
     try:
         child = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=lambda: _die_with(me))
         if run is not None:
-            try:
+            with contextlib.suppress(OSError):
                 registry.register_process(run_id, "agent" if cfg.strategy == "ddp" else "trainer", pid=child.pid,
                                           parent=root, cmdline=" ".join(cmd))
-            except OSError:
-                pass
         forwarder.attach(child.pid)
         while True:  # reap whatever is reparented to us meanwhile, until the child itself ends
             pid, status = os.waitpid(-1, 0)
@@ -217,10 +220,8 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
         print(f"runner: error: {forwarder.failure} (the other ranks were ended)", file=sys.stderr, flush=True)
         code = 1
     if run is not None:
-        try:
+        with contextlib.suppress(OSError):
             registry.finish_run(run, code)
-        except OSError:
-            pass
     if forwarder.received and code != 0:
         return 128 + forwarder.received[0]
     return code

@@ -16,6 +16,7 @@ In each worker it
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -43,11 +44,10 @@ def _register(worker_id: int) -> None:
     if run_id is None or parent is None or parent.pid is None:
         return
     start = proc_table.start_ticks(parent.pid)
-    try:
+    # OSError: the trainer already warned that the registry is not writable; the tag still marks us.
+    with contextlib.suppress(OSError):
         registry.register_process(run_id, "worker", rank=int(os.environ.get("RANK", "0")), worker_id=worker_id,
                                   parent=(parent.pid, start) if start is not None else None)
-    except OSError:
-        pass  # the trainer already warned that the registry is not writable; the tag still marks us
 
 
 class guarded_worker_init:

@@ -20,6 +20,7 @@ the training thread's `emit` costs an append, and the sink's per-event cost is i
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -215,7 +216,7 @@ class Hub:
         self._wanted: dict[type[Event], bool] = {}
         for worker in self._workers:
             others = [w for w in self._workers if w is not worker]
-            worker.sink.bind(lambda event, others=others: self._emit_to(others, event))
+            worker.sink.bind(functools.partial(self._emit_to, others))
 
     @property
     def active(self) -> bool:

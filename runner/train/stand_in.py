@@ -33,5 +33,5 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
     saved = [b.detach().clone() for b in model.buffers()]
     yield
     with torch.no_grad():
-        for buffer, value in zip(model.buffers(), saved):
+        for buffer, value in zip(model.buffers(), saved, strict=True):
             buffer.copy_(value)

@@ -71,7 +71,7 @@ class _EventRing:
         self.harvest()
         if not self.timed:
             return None
-        out = {part: total / self.timed for part, total in zip(DEVICE_PARTS, self.sums)}
+        out = {part: total / self.timed for part, total in zip(DEVICE_PARTS, self.sums, strict=True)}
         self.sums, self.timed = [0.0] * len(DEVICE_PARTS), 0
         return out
 
