@@ -39,8 +39,9 @@ def test_train_help_shows_every_default_choice_and_env_var() -> None:
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.replace("│", " ").split())  # rich's table, as words
     for flag, choices in [("--viz", config.VIZ), ("--optimizer", config.OPTIMIZERS), ("--device", config.DEVICES),
-                          ("--strategy", config.STRATEGIES), ("--task", (*config.TASKS, "MODULE:FACTORY")), ("--oom", config.ON_OOM),
-                          ("--on-nan", config.ON_NAN), ("--worker-start-method", config.START_METHODS)]:
+                          ("--strategy", config.STRATEGIES), ("--task", (*config.TASKS, "MODULE:FACTORY")),
+                          ("--oom", config.ON_OOM), ("--on-nan", config.ON_NAN),
+                          ("--worker-start-method", config.START_METHODS)]:
         assert f"{flag} [{'|'.join(choices)}]" in text, flag
     defaults = config.TrainConfig()
     for flag, field in [("--viz", "viz"), ("--lr", "lr"), ("--log-every", "log_every"), ("--model", "model"),
