@@ -53,9 +53,12 @@ def _cpu(tmp_path: Path) -> runs.Context:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_feature_checks_run_on_cpu(tmp_path: Path) -> None:
-    """The runs and read-back of the feature checks on CPU: evaluation (bf16 autocast) and the own loop pass;
-    the stall is caught and captured, without the flight recorder NCCL alone writes."""
+    """The runs and read-back of the feature checks on CPU: evaluation (bf16 autocast), the own loop and
+    --compile (inductor's C++ backend) pass; the stall is caught and captured, without the flight recorder
+    NCCL alone writes."""
     ctx = _cpu(tmp_path)
+    compiled = checks_features.compiled(ctx, 300)[0]
+    assert compiled.status == "PASS", compiled.reason
     val = checks_features.evaluation(ctx, 300)[0]
     assert val.status == "PASS", val.reason
     own = checks_features.own_loop(ctx, 300)[0]
