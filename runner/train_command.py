@@ -156,6 +156,10 @@ def make_train_command(action: Callable[[TrainConfig], int], environment: bool =
                                          metavar="ID"),
         max_restarts: int | None = _option("max_restarts", "ddp: torchrun --max-restarts.", _D),
         sync_bn: bool | None = _option("sync_bn", "ddp on CUDA: SyncBatchNorm.", _D, "--sync-bn"),
+        collective_timeout: float | None = _option(
+            "collective_timeout", "ddp: seconds a collective may wait in steady training before the process group "
+            "fails (start-up, the first steps, checkpoints and evaluation get 30 min; never below what the stall "
+            "watch needs to report first).", _D, metavar="SECONDS"),
         viz: str | None = _option("viz", "Dashboards to stream to.", _V, choices=config_io.VIZ,
                                      envvar=env("RUNNER_VIZ")),
         experiment: str | None = _option("experiment", "Visdom env group and TensorBoard hparams experiment.",
@@ -172,6 +176,16 @@ def make_train_command(action: Callable[[TrainConfig], int], environment: bool =
                                              envvar=env("RUNNER_VISDOM_PORT")),
         progress: bool | None = _option("progress", "Live progress bar on a terminal (else a line per log "
                                                        "point).", _V, "--progress/--no-progress"),
+        flush_secs: float | None = _option("flush_secs", "Every dashboard file, summary.json and findings.json "
+                                                            "reach the disk within this many seconds of an event.", _V,
+                                              metavar="SECONDS"),
+        stall_timeout: str | None = _option("stall_timeout", "Seconds a rank may go without progress before the "
+                                                                "supervisor captures every stack and reports a stall "
+                                                                "(auto: max(60, 10x the median step); start-up, the "
+                                                                "first steps, checkpoints and evaluation get 10x; 0: "
+                                                                "off).", _V, metavar="auto|SECONDS"),
+        on_stall: str | None = _option("on_stall", "After a stall's capture: report (the run stays alive, e.g. for a "
+                                                      "debugger) or stop (exit 1).", _V, choices=config_io.ON_STALL),
         run_dir: str | None = _option("run_dir", "Folder of runs.", _R, envvar=env("RUNNER_RUN_DIR"),
                                          metavar="DIR"),
         name: str | None = _option("name", "Run name (folder under --run-dir).", _R,

@@ -145,8 +145,11 @@ def runner_config(run_dir: Path, viz: str, visdom_url: str = "") -> object:
         resume="never", checkpoint_every=10 * steps, progress=False))
 
 
-def run_runner(run_dir: Path, viz: str, visdom_url: str = "", close_timeout: float = 60.0) -> Timing:
-    """Build a trainer and its sinks (not timed), then time `fit` and draining the hub."""
+def run_runner(run_dir: Path, viz: str, visdom_url: str = "", close_timeout: float = 60.0,
+               beat: bool = True) -> Timing:
+    """Build a trainer and its sinks (not timed), then time `fit` and draining the hub. With `beat`, as in
+    every `runner train`, the rank's heartbeat is published at each phase boundary (the stall watch's input)."""
+    from runner.procs import heartbeat
     from runner.telemetry.hub import Hub
     from runner.train.loop import Trainer
     from runner.train.sinks import build_sinks
@@ -154,6 +157,8 @@ def run_runner(run_dir: Path, viz: str, visdom_url: str = "", close_timeout: flo
 
     cfg = runner_config(run_dir, viz, visdom_url=visdom_url)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if beat:
+        heartbeat.install(f"bench-{os.getpid()}", 0, 1)
     trainer = Trainer(cfg, make_strategy(cfg))
     hub = Hub(build_sinks(cfg, trainer.total_steps))  # the console sink's lines go to /dev/null (see main)
     try:
@@ -165,6 +170,7 @@ def run_runner(run_dir: Path, viz: str, visdom_url: str = "", close_timeout: flo
     finally:
         hub.close(timeout=0)
         trainer.close()
+        heartbeat.uninstall()
 
 
 def own_loop(run_dir: Path) -> Timing:
@@ -384,10 +390,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*dp: .*")
     notes: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    os.environ["XDG_STATE_HOME"] = str(workdir / "state")  # the heartbeats' run registry: gone with the workdir
     with contextlib.ExitStack() as stack:
         stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
         rows = [Row("bare PyTorch loop", lambda d: bare(None)),
                 Row("runner --viz none", lambda d: run_runner(d, "none")),
+                Row("runner --viz none, no heartbeat", lambda d: run_runner(d, "none", beat=False)),
                 Row("runner --viz tensorboard", lambda d: run_runner(d, "tensorboard")),
                 Row("own loop + runner.observe (tensorboard)", own_loop),
                 Row("bare loop + TensorBoard, synchronous", bare)]

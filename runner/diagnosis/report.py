@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from runner.diagnosis import provenance
+from runner.diagnosis import provenance, stall_report
 from runner.errors import usage_error
 from runner.procs import proc_table, registry
 from runner.telemetry import tags
@@ -52,13 +52,17 @@ def _registry_record(folder: Path) -> registry.RunRecord | None:
     return matches[-1] if matches else None
 
 
-def _status(summary: dict[str, Any] | None, record: registry.RunRecord | None) -> tuple[str, str]:
-    """(live | finished | stopped | failed | killed | ended | unknown, the reason in words)."""
+def _status(summary: dict[str, Any] | None, record: registry.RunRecord | None,
+            stalled: str | None = None) -> tuple[str, str]:
+    """(live | finished | stopped | failed | killed | ended | unknown, the reason in words); `stalled`: the
+    stall --on-stall stop ended the run for."""
     boot = proc_table.boot_id()
     code = record.exit_code if record is not None else None
     coded = f" ({_exit_text(code)})" if code is not None else ""
     if summary is not None and summary.get("status") not in (None, "running"):
         return summary["status"], (summary.get("status_text") or summary["status"]) + coded
+    if stalled is not None and not (record is not None and record.root_alive(boot)):
+        return "failed", f"stalled: {stalled}; ended by --on-stall stop{coded}"
     process = (summary or {}).get("process") or {}
     writer_alive = (process.get("boot") == boot and process.get("start") is not None
                     and proc_table.is_running(int(process["pid"]), int(process["start"])))
@@ -105,7 +109,7 @@ def build_report(folder: Path) -> dict[str, Any]:
     summary = summary if isinstance(summary, dict) else None
     findings = _read_json(folder / "findings.json")
     record = _registry_record(folder)
-    status, reason = _status(summary, record)
+    status, reason = _status(summary, record, stall_report.stopped(folder))
     summary = summary or {}
     profile = folder / "profile"
     checkpoint = folder / "checkpoints" / "last.pt"
@@ -116,8 +120,11 @@ def build_report(folder: Path) -> dict[str, Any]:
         "step": summary.get("step", 0), "total_steps": summary.get("total_steps", 0),
         "elapsed_s": summary.get("elapsed_s"), "updated": summary.get("updated"),
         "throughput": summary.get("throughput", {}), "time": summary.get("time", {}),
-        "memory": summary.get("memory", {}), "memory_estimate_table": summary.get("texts", {}).get("memory_estimate"),
-        "findings": findings if isinstance(findings, list) else [],
+        "memory": summary.get("memory", {}),
+        "memory_estimate_table": summary.get("texts", {}).get(tags.MEMORY_ESTIMATE),
+        "findings": stall_report.merged(findings if isinstance(findings, list) else [],
+                                        stall_report.stall_findings(folder)),
+        "ranks": stall_report.live_ranks(record) if status == "live" else [],  # heartbeats: each rank's phase now
         "dashboards": _dashboards(folder),
         "profile": sorted(str(p) for p in profile.rglob("*") if p.is_file()) if profile.is_dir() else [],
         "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
@@ -193,6 +200,8 @@ def render(report: dict[str, Any]) -> str:
     """One screen of text."""
     lines = [f"run {report['name']}  ({report['folder']})",
              f"status: {report['status']} ({report['reason']})"]
+    if report.get("ranks"):
+        lines.append(stall_report.ranks_line(report["ranks"]))
     total = report["total_steps"] or "?"
     speed = report["throughput"].get("samples_per_s")
     mean = report["throughput"].get("mean_samples_per_s")

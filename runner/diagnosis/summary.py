@@ -11,7 +11,7 @@ import re
 import time
 from typing import Any
 
-from runner.procs import proc_table
+from runner.procs import heartbeat, proc_table
 from runner.telemetry import tags
 from runner.telemetry.events import Event, HParams, MemorySample, Scalar, Text
 
@@ -34,6 +34,7 @@ class RunSummary:
         self.status, self.status_text = "running", ""
         self.started = time.time()
         self.step, self.total_steps = 0, 0
+        self.progress_time = self.started  # when `step` last went up
         self.scalars: dict[str, float] = {}
         self.peaks: dict[str, float] = {}  # memory/<key>[/rank<r>] → highest reading
         self.throughput: list[float] = []  # samples/s at each log point
@@ -42,7 +43,8 @@ class RunSummary:
         self.process = {"pid": pid, "start": proc_table.start_ticks(pid), "boot": proc_table.boot_id()}
 
     def add(self, event: Event) -> None:
-        self.step = max(self.step, event.step)
+        if event.step > self.step:
+            self.step, self.progress_time = event.step, time.time()
         if isinstance(event, Scalar):
             if event.tag.startswith(SUMMARY_PREFIXES):
                 value = float(event.value)
@@ -85,6 +87,14 @@ class RunSummary:
             out["skew"] = self.scalars.get(tags.TIME_SKEW)
         return out
 
+    def _progress(self) -> dict[str, Any]:
+        """The last step seen and when it came; the writer rank's phase (its heartbeat) when written."""
+        progress: dict[str, Any] = {"step": self.step, "time": self.progress_time}
+        beat = heartbeat.current()
+        if beat is not None:
+            progress.update(phase=beat.phase_name, phase_since=beat.since)
+        return progress
+
     def to_dict(self, findings: list[dict[str, Any]]) -> dict[str, Any]:
         now = time.time()
         severities: dict[str, int] = {}
@@ -95,7 +105,7 @@ class RunSummary:
         return {
             "name": self.name, "run_path": self.run_path, "status": self.status, "status_text": self.status_text,
             "started": self.started, "updated": now, "elapsed_s": round(now - self.started, 3),
-            "step": self.step, "total_steps": self.total_steps,
+            "step": self.step, "total_steps": self.total_steps, "progress": self._progress(),
             "throughput": {"samples_per_s": _number(self.throughput[-1]) if self.throughput else None,
                            "mean_samples_per_s": _number(sum(self.throughput) / len(self.throughput))
                            if self.throughput else None},

@@ -1,8 +1,10 @@
-"""`runner cleanup` and `runner runs` (no torch import)."""
+"""`runner cleanup`, `runner runs` and `runner stacks` (no torch import)."""
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict
 
 import typer
 
@@ -61,3 +63,31 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
 
     found = run_status.statuses()
     print(json.dumps(run_status.rows(found), indent=2) if as_json else run_status.table_text(found))
+
+
+def stacks(
+    run: str = typer.Argument(..., metavar="RUN", help="A live run: its name (under --run-dir), folder or id."),
+    run_dir: str = typer.Option("runs", "--run-dir", envvar="RUNNER_RUN_DIR", help="Folder of runs."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Print the Python stacks (every thread) of a live run's processes, grouped by rank: trainer or ranks and
+    their DataLoader workers, with each rank's phase. py-spy where it may attach, else faulthandler files."""
+    run_command(lambda: _stacks(run, run_dir, as_json))
+
+
+def _stacks(run: str, run_dir: str, as_json: bool) -> int:
+    from runner.procs import stacks as stacks_module
+    from runner.procs import stall_watch
+
+    found = stall_watch.find_live_run(run, run_dir)
+    beats = {b.rank: b for b in stall_watch.live_beats(found.id)}
+    captured = stacks_module.capture(stacks_module.targets_of(found), stacks_module.folder_for(found.id))
+    states = {s.rank: s for s in stall_watch.explain_ranks(list(beats.values()), captured, time.time())}
+    if as_json:
+        print(json.dumps({"run": found.id, "name": found.name, "processes": [s.to_dict() for s in captured],
+                          "ranks": [asdict(s) for s in states.values()]}, indent=2, default=str))
+    else:
+        notes = {rank: f"{s.doing()} for {s.seconds:.0f} s" for rank, s in states.items()}
+        print(f"run {found.name} ({found.id}): {len(captured)} process(es)")
+        print(stacks_module.render(captured, notes))
+    return 0 if any(s.threads for s in captured) else 1

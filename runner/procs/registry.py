@@ -159,10 +159,12 @@ def load_runs() -> list[RunRecord]:
 
 
 def finish_run(run: RunRecord, exit_code: int) -> None:
-    """Record how the run ended and drop the records of its processes (all gone by now)."""
+    """Record how the run ended and drop the records of its processes (all gone by now), with their
+    heartbeats and stack-dump files (runner/procs/heartbeat.py, stacks.py)."""
     run.exit_code, run.ended = exit_code, time.time()
     write_run(run)
-    shutil.rmtree(run.path / "procs", ignore_errors=True)
+    for folder in ("procs", "heartbeat", "stacks"):
+        shutil.rmtree(run.path / folder, ignore_errors=True)
 
 
 def prune(keep_days: float = KEEP_DAYS, now: float | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from runner.config import TrainConfig
-from runner.procs import control, proc_table, registry
+from runner.procs import control, proc_table, registry, stall_watch
 from runner.procs.run_tag import ROOT_ENV, TAG_ENV, format_root, new_run_id
 from runner.procs.signals import STOP_SIGNALS
 from runner.procs.termination import Target, kill_now, phase_of, terminate, wait_gone
@@ -44,6 +45,7 @@ NEVER_KILL = ("torch_shm_manager",)  # exits by itself; killing it leaks /dev/sh
 STOP_GRACE = 2.5  # DDP: seconds after a stop signal for every rank to show it is not blocked
 FAIL_GRACE = 2.0  # DDP: seconds after a rank failed for the others to end by themselves
 FAILED_EXIT = 30.0  # seconds a failed rank gets to finish its teardown (flush its dashboards)
+POLL = 0.5  # seconds between looks of the stall watch
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -162,17 +164,49 @@ def _reap_leftovers(me: int) -> list[Target]:
     return left
 
 
-def _register_run(run_id: str, cfg: TrainConfig, root: tuple[int, int]) -> registry.RunRecord | None:
-    """The run's registry record, with the supervisor in it; None (and a warning) where it cannot be written."""
-    try:
-        run = registry.create_run(run_id, cfg.name, str(cfg.run_path.resolve()), root)
-        registry.register_process(run_id, "supervisor")
-        registry.prune()
-        return run
-    except OSError as exc:
-        print(f"runner: warning: run registry {registry.state_dir()} not writable ({exc}); "
-              "`runner cleanup` will go by process tags only", file=sys.stderr)
+def _stall_watch(cfg: TrainConfig, run_id: str, registered: bool, env: dict[str, str]) -> stall_watch.StallWatch | None:
+    """The run's stall watch (None when it is off, or without a registry: the ranks' heartbeats live
+    there); under DDP, NCCL's flight recorder set up in the ranks' environment for its captures."""
+    if cfg.strategy == "ddp":
+        env.update(stall_watch.nccl_environment(run_id, cfg.run_path))
+    if not registered or cfg.stall_timeout == 0:
         return None
+    return stall_watch.StallWatch(run_id, cfg.run_path, cfg.stall_timeout, cfg.on_stall, cfg.name)
+
+
+def _wait(child: int, watch: stall_watch.StallWatch | None) -> int:
+    """Reap whatever is reparented to us meanwhile, until the child itself ends; returns its wait status.
+    With a stall watch, poll it every POLL seconds in between (--on-stall stop: end the run at once)."""
+    if watch is None:
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == child:
+                return status
+    child_fd = os.pidfd_open(child)
+    try:
+        while True:
+            while (found := os.waitpid(-1, os.WNOHANG))[0] != 0:
+                if found[0] == child:
+                    if not watch.stopped:
+                        _poll(watch)  # a last look: a run that recovered and ended at once says so
+                    return found[1]
+            if not watch.stopped and _poll(watch):
+                kill_now(_descendants(os.getpid()))
+            select.select([child_fd], [], [], POLL)
+    finally:
+        os.close(child_fd)
+
+
+def _poll(watch: stall_watch.StallWatch) -> bool:
+    """One look of the stall watch; True: --on-stall stop wants the run ended. A failing watch is turned
+    off: it must never take the supervisor down."""
+    try:
+        return watch.poll()
+    except Exception as exc:
+        print(f"runner: warning: the stall watch failed ({type(exc).__name__}: {exc}); it is off",
+              file=sys.stderr, flush=True)
+        watch.fixed = 0.0
+        return False
 
 
 def supervise(cmd: list[str], cfg: TrainConfig) -> int:
@@ -181,9 +215,17 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     root = (me, proc_table.start_ticks(me) or 0)
     run_id = new_run_id()
-    run = _register_run(run_id, cfg, root)
+    run: registry.RunRecord | None = None
+    try:
+        run = registry.create_run(run_id, cfg.name, str(cfg.run_path.resolve()), root)
+        registry.register_process(run_id, "supervisor")
+        registry.prune()
+    except OSError as exc:
+        print(f"runner: warning: run registry {registry.state_dir()} not writable ({exc}); "
+              "`runner cleanup` will go by process tags only", file=sys.stderr)
     env = dict(os.environ, RUNNER_RUN_NAME=cfg.name)
     env[TAG_ENV], env[ROOT_ENV] = run_id, format_root(root)
+    watch = _stall_watch(cfg, run_id, run is not None, env)
     notes_dir = Path(tempfile.mkdtemp(prefix="runner-notes-")) if cfg.strategy == "ddp" else None
     if notes_dir is not None:
         env[control.DIR_ENV], env[control.SUPERVISOR_ENV] = str(notes_dir), format_root(root)
@@ -197,10 +239,7 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
                 registry.register_process(run_id, "agent" if cfg.strategy == "ddp" else "trainer", pid=child.pid,
                                           parent=root, cmdline=" ".join(cmd))
         forwarder.attach(child.pid)
-        while True:  # reap whatever is reparented to us meanwhile, until the child itself ends
-            pid, status = os.waitpid(-1, 0)
-            if pid == child.pid:
-                break
+        status = _wait(child.pid, watch)
         code = os.waitstatus_to_exitcode(status)
         child.returncode = code
         code = code if code >= 0 else 128 - code
@@ -218,6 +257,10 @@ def supervise(cmd: list[str], cfg: TrainConfig) -> int:
             shutil.rmtree(notes_dir, ignore_errors=True)
     if forwarder.failure is not None:
         print(f"runner: error: {forwarder.failure} (the other ranks were ended)", file=sys.stderr, flush=True)
+        code = 1
+    elif watch is not None and watch.stopped:
+        print(f"runner: error: stalled: {watch.stopped} (--on-stall stop ended the run; see "
+              f"{stall_watch.stall_dir(cfg.run_path)})", file=sys.stderr, flush=True)
         code = 1
     if run is not None:
         with contextlib.suppress(OSError):

@@ -9,7 +9,8 @@ In each worker it
   forkserver workers (their parent is the forkserver, which outlives the trainer); a daemon
   thread blocked on `multiprocessing.parent_process().join()` sees the real parent go, for fork,
   spawn and forkserver alike, and then kills the worker;
-- records the worker in the run registry.
+- records the worker in the run registry;
+- registers its own faulthandler file, so that the stall watch can read its stacks (runner/procs/stacks.py).
 
 `RUNNER_WORKER_GUARD=0` turns the parent watch off (to study orphans); the rest stays.
 """
@@ -23,7 +24,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from runner.procs import proc_table, registry
+from runner.procs import proc_table, registry, stacks
 from runner.procs.run_tag import TAG_ENV
 
 GUARD_ENV = "RUNNER_WORKER_GUARD"
@@ -65,5 +66,7 @@ class guarded_worker_init:
         if os.environ.get(GUARD_ENV, "1") != "0":
             threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
         _register(worker_id)
+        # its own stack-dump file for the stall watch (a forked worker inherited its trainer's)
+        stacks.register(os.environ.get(TAG_ENV), "worker", int(os.environ.get("RANK", "0")))
         if self.user_fn is not None:
             self.user_fn(worker_id)

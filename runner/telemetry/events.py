@@ -146,8 +146,10 @@ class Finding(Event):
     """A diagnosis of the run: what was found, how sure, on what evidence, and what to do.
 
     `kind` names the rule (input_bound, unreadable_samples, exploding_gradients, vanishing_gradients,
-    first_nonfinite, memory_growth, allocator_pressure, straggler_rank, dashboard_trouble); `tag` is
-    "findings". Raised by the diagnosis sink (or, for first_nonfinite, by the trainer after a failure).
+    first_nonfinite, memory_growth, allocator_pressure, straggler_rank, dashboard_trouble, stalled,
+    hang_suspected, stall_recovered); `tag` is "findings". Raised by the diagnosis sink (or, for
+    first_nonfinite, by the trainer after a failure); the stall kinds come from the supervisor's stall
+    watch, through runner/diagnosis/stall_feed.py, tagged "findings/stall".
     """
 
     kind: str
@@ -180,17 +182,21 @@ class Sink:
     takes; the trainer skips building events no sink takes), `queue_limit` (pending events past which the
     hub coalesces scalars and memory samples for it), `bind` (called once by the hub with a thread-safe
     `emit` that reaches the other sinks), `unreachable_for` (seconds its backend has been unreachable,
-    read from other threads).
+    read from other threads), `flush_every` (seconds within which what `write` got must reach the
+    backend whatever comes next: the hub's thread then calls `flush` that long after a write, even when
+    no further event arrives; 0: only at the sink's own pace and on close).
     """
 
     accepts: tuple[type[Event], ...] = (Event,)
     queue_limit: int = 50_000
+    flush_every: float = 0.0
 
     def write(self, event: Event) -> None:
         raise NotImplementedError
 
     def flush(self) -> None:
-        """Push what `write` buffered to the backend (end of a log window, before close)."""
+        """Push what `write` buffered to the backend (on the hub's thread: `flush_every` after a write,
+        and from Hub.flush; never alongside `write`)."""
 
     def close(self) -> None:
         """Release the backend; the hub calls it once, after the last `write`."""

@@ -71,6 +71,12 @@ class _SinkWorker:
         self.abandoned = False  # close() gave up: deliver nothing more
         self.lock = threading.Lock()
         self.wake, self.idle = threading.Condition(self.lock), threading.Condition(self.lock)
+        # Timed flush: what the sink wrote reaches its files within `flush_every` seconds, whatever the
+        # loop does next (a stalled run's last step must show). `flush_due` is set by the first write
+        # after a flush; the delivery thread wakes for it even when no event comes.
+        self.flush_every = float(sink.flush_every or 0.0)
+        self.flush_due: float | None = None
+        self.using = threading.Lock()  # the sink is in use: a batch's writes, a timed flush, Hub.flush
         self.thread = threading.Thread(target=self._deliver, name=f"sink-{self.name}", daemon=True)
         self.thread.start()
 
@@ -142,7 +148,13 @@ class _SinkWorker:
         with self.lock:
             self.sleeping = True  # before looking: a put that comes after the look sees it and wakes us
             while not (self.queue or self.newest or self.stopping):
-                self.wake.wait()
+                if self.flush_due is None:
+                    self.wake.wait()
+                elif (remaining := self.flush_due - time.monotonic()) > 0:
+                    self.wake.wait(remaining)
+                else:  # nothing came, and what was written is due on disk: an empty batch flushes it
+                    self.sleeping, self.busy = False, True
+                    return []
             self.sleeping = False
             if self.abandoned or not (self.queue or self.newest):
                 return None
@@ -158,16 +170,19 @@ class _SinkWorker:
         write, policy = self.sink.write, self.policy
         while (batch := self._take()) is not None:
             heavy_done: list[Event] = []
-            for event in batch:
-                if self.abandoned:
-                    break
-                try:
-                    write(event)
-                except Exception:
-                    log.exception("%s failed on %s %r", self.name, type(event).__name__, event.tag)
-                if policy[type(event)] == _HEAVY:
-                    heavy_done.append(event)
-                self.in_hand -= 1
+            with self.using:
+                for event in batch:
+                    if self.abandoned:
+                        break
+                    try:
+                        write(event)
+                    except Exception:
+                        log.exception("%s failed on %s %r", self.name, type(event).__name__, event.tag)
+                    if policy[type(event)] == _HEAVY:
+                        heavy_done.append(event)
+                    self.in_hand -= 1
+                if self.flush_every:
+                    self._flush_when_due(bool(batch))
             with self.lock:
                 self._heavy_done(heavy_done)
                 self.in_hand, self.busy = 0, False
@@ -177,6 +192,19 @@ class _SinkWorker:
         with self.lock:
             self.busy = False
             self.idle.notify_all()
+
+    def _flush_when_due(self, wrote: bool) -> None:
+        """After a batch (or an empty one: a due flush), flush the sink if `flush_every` has passed since
+        its first write after the last flush (delivery thread, holding `using`)."""
+        now = time.monotonic()
+        if wrote and self.flush_due is None:
+            self.flush_due = now + self.flush_every
+        if self.flush_due is not None and now >= self.flush_due and not self.abandoned:
+            self.flush_due = None
+            try:
+                self.sink.flush()
+            except Exception:
+                log.exception("%s failed to flush", self.name)
 
     def wait_idle(self, deadline: float) -> bool:
         with self.lock:
@@ -275,13 +303,20 @@ class Hub:
                 return True
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every sink has written what it was given, then flush them. False on timeout."""
-        ok = self._settle(time.monotonic() + timeout)
+        """Wait until every sink has written what it was given, then flush them. False on timeout (a sink
+        still inside a write by then, e.g. to a hung server, is not flushed: never alongside its thread)."""
+        deadline = time.monotonic() + timeout
+        ok = self._settle(deadline)
         for worker in self._workers:
+            if not worker.using.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                ok = False
+                continue
             try:
                 worker.sink.flush()
             except Exception:
                 log.exception("%s failed to flush", worker.name)
+            finally:
+                worker.using.release()
         return ok
 
     def close(self, timeout: float = 30.0) -> bool:

@@ -19,9 +19,12 @@ def build_sinks(cfg: TrainConfig, total_steps: int, start_step: int = 0) -> list
     if cfg.viz in ("tensorboard", "both"):
         from dashboards.tensorboard import TensorBoardSink
 
-        sinks.append(TensorBoardSink(cfg.run_path, purge_step=start_step + 1 if start_step else None))
+        sinks.append(TensorBoardSink(cfg.run_path, purge_step=start_step + 1 if start_step else None,
+                                     flush_secs=cfg.flush_secs))
     if cfg.viz in ("visdom", "both"):
         from dashboards.visdom import VisdomSink
 
         sinks.append(VisdomSink.for_run(cfg, start_step=start_step))
+    for sink in sinks[1:]:  # files current within --flush-secs of each event (the console prints at once)
+        sink.flush_every = cfg.flush_secs
     return sinks

@@ -4,7 +4,7 @@ Every rank must take the same steps: a rank that skipped one would train on othe
 peers from then on, epochs and resume offsets out of step. Agreeing on a skip would cost a collective
 per step; instead that rank takes a step on a stand-in batch with its loss weighted 0. Its gradients
 are zero, so the averaged update is the other ranks' (scaled by their share), and the stand-in leaves
-no other trace: the running statistics of its forward (BatchNorm) are put back.
+no other trace: its forward updates copies of the running statistics (BatchNorm), dropped afterwards.
 """
 
 from __future__ import annotations
@@ -29,9 +29,24 @@ def stand_in_batch(last_good: Batch | None, input_shape: tuple[int, ...], task: 
 
 @contextlib.contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Put the model's buffers (BatchNorm's running statistics) back as they were on exit."""
-    saved = [b.detach().clone() for b in model.buffers()]
-    yield
-    with torch.no_grad():
-        for buffer, value in zip(model.buffers(), saved, strict=True):
-            buffer.copy_(value)
+    """The stand-in's forward updates copies of the model's buffers (BatchNorm's running statistics,
+    its batch count); on exit the modules get their own buffers back, untouched.
+
+    Why swap rather than copy the old values back in place: in training mode BatchNorm saves its running
+    statistics for the backward pass, and autograd checks that a saved tensor was not modified since. An
+    in-place restore between forward and backward bumps their version and the backward fails ("one of the
+    variables needed for gradient computation has been modified by an inplace operation: [torch.FloatTensor
+    [64]] is at version 3; expected version 2"). The copies stay with the graph, the originals are never
+    written. (DDP's own buffer broadcast at the start of a forward lands in the copies too; the next
+    forward broadcasts rank 0's buffers again, so every rank stays in step.)
+    """
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            swapped.append((module, name, buffer))
+            setattr(module, name, buffer.detach().clone())  # assigning a tensor to a buffer's name replaces it
+    try:
+        yield
+    finally:
+        for module, name, buffer in swapped:
+            setattr(module, name, buffer)

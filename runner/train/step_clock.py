@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from runner.procs import heartbeat
 from runner.telemetry import tags
 
 DEVICE_PARTS = ("h2d", "forward", "backward", "optimizer")  # timed with CUDA events on CUDA
@@ -84,23 +85,28 @@ class StepClock:
         self.sums = dict.fromkeys(tags.TIME_PARTS, 0.0)
         self.part = "other"
         self.last = self.window_start = time.perf_counter()
+        self.beat = heartbeat.current()  # this rank's heartbeat: every boundary is also its phase
 
     def enter(self, part: str) -> None:
-        """From now on the time is `part`'s (one of tags.TIME_PARTS)."""
+        """From now on the time is `part`'s (one of tags.TIME_PARTS), and so is this rank's phase for the
+        stall watch (runner/procs/heartbeat.py: a write into shared memory, no system call)."""
         now = time.perf_counter()
         self.sums[self.part] += now - self.last
         self.part, self.last = part, now
         if self.events is not None and part in _EVENT_AT:
             self.events.record(_EVENT_AT[part])
+        if self.beat is not None:
+            self.beat.enter(part)
 
     @contextlib.contextmanager
-    def apart(self) -> Iterator[None]:
+    def apart(self, phase: str = "evaluation") -> Iterator[None]:
         """Time inside is no part's and not the window's (an evaluation, reported on its own): the
-        step breakdown and samples/s stay those of training."""
+        step breakdown and samples/s stay those of training. The heartbeat says `phase` meanwhile."""
         self.enter(self.part)  # the running part's time up to here still counts
         start = time.perf_counter()
         try:
-            yield
+            with heartbeat.phase(phase):
+                yield
         finally:
             spent = time.perf_counter() - start
             self.last += spent

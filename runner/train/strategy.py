@@ -5,10 +5,12 @@ The loop calls the same methods for all three; only here do they differ.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +21,13 @@ from torch.utils.data import Dataset, Sampler
 from runner.config import TrainConfig
 from runner.data import EpochSampler, ResumableDistributedSampler, class_weights
 from runner.errors import RunnerError, usage_error
-from runner.procs import control, rank_exit
+from runner.procs import control, heartbeat, rank_exit, stall_watch
 from runner.procs.signals import stop_requested
 
 log = logging.getLogger("runner")
+
+LONG_COLLECTIVE_S = 1800.0  # a collective's timeout in long phases (torch's own default for NCCL is 600 s)
+STALL_MARGIN_S = 60.0  # the stall watch's capture (py-spy, flight recorder) is over within this
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -168,6 +173,8 @@ class DistributedStrategy(Strategy):
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             device_id = self.device if self.device.type == "cuda" else None
             timeout = timedelta(minutes=10)
+            if backend == "nccl":
+                _flight_recorder_folder()
             try:
                 dist.init_process_group(backend, timeout=timeout, device_id=device_id, store=_attempt_store(timeout),
                                         rank=self.rank, world_size=self.world_size)
@@ -176,6 +183,18 @@ class DistributedStrategy(Strategy):
             rank_exit.arm()  # gloo's worker threads must not outlive us into interpreter finalization
         self._alive_hook: Any = None
         self._said_alive = False
+        self._timeout = 0.0
+        beat = heartbeat.current()
+        if beat is not None:  # long collective timeout in long phases, --collective-timeout in steady training
+            beat.on_regime(self._regime)
+
+    def _regime(self, long: bool) -> None:
+        beat = heartbeat.current()
+        steady, slow = collective_timeouts(self.cfg, beat.median_step() if beat is not None else None)
+        seconds = slow if long else steady
+        if seconds != self._timeout:
+            self._timeout = seconds
+            set_collective_timeout(seconds)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.sync_bn:
@@ -207,27 +226,31 @@ class DistributedStrategy(Strategy):
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         self._going_on()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with heartbeat.collective():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def gather(self, obj: Any) -> list[Any]:
         self._going_on()
         out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        with heartbeat.collective():
+            dist.gather_object(obj, out, dst=0)
         return out or []
 
     def broadcast(self, obj: Any) -> Any:
         self._going_on()
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with heartbeat.collective():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
         self._going_on()
-        if self.device.type == "cuda":
-            dist.barrier(device_ids=[self.device.index])
-        else:
-            dist.barrier()
+        with heartbeat.collective():
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
 
     def close(self) -> None:
         """Destroy the process group. Called from a `finally` while an exception propagates (this rank
@@ -247,6 +270,49 @@ class DistributedStrategy(Strategy):
             dist.group.WORLD.abort()  # NCCL: abort the communicators; gloo has nothing to abort
         finally:
             dist.destroy_process_group()  # forget the group (no collective, nothing waits on peers)
+
+
+def collective_timeouts(cfg: TrainConfig, median_step: float | None) -> tuple[float, float]:
+    """(steady, long) seconds a collective may wait before the process group fails: --collective-timeout in
+    steady training, LONG_COLLECTIVE_S in long phases (start-up, the first steps, checkpoints, evaluation).
+
+    Never shorter than the stall watch's allowance plus STALL_MARGIN_S, so that the watch sees a hang,
+    captures the stacks and names the rank first, while every rank is alive (a timeout ends the run). With
+    `--stall-timeout auto` the allowance follows this rank's median step as the watch's does.
+    """
+    stall = cfg.stall_timeout
+    if stall == "auto":
+        stall = max(stall_watch.AUTO_FLOOR, stall_watch.AUTO_STEPS * (median_step or 0.0))
+    steady, slow = float(cfg.collective_timeout), LONG_COLLECTIVE_S
+    if float(stall) > 0:
+        steady = max(steady, float(stall) + STALL_MARGIN_S)
+        slow = max(slow, stall_watch.LONG_FACTOR * float(stall) + STALL_MARGIN_S)
+    return steady, slow
+
+
+def _flight_recorder_folder() -> None:
+    """Create the folder NCCL's flight recorder dumps into (`runs/<name>/stall/`, set by the supervisor: see
+    runner/procs/stall_watch.py `nccl_environment`): a dump on a collective timeout does not create it."""
+    for name in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+        if os.environ.get(name):
+            with contextlib.suppress(OSError):
+                Path(os.environ[name]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The default process group's timeout for the collectives issued from now on.
+
+    `torch.distributed.set_timeout` is public in the torch this project pins (2.14); older releases only
+    have `distributed_c10d._set_pg_timeout` (private, and the same thing), the least private way there is.
+    """
+    setter = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:
+        log.debug("this torch cannot change a process group's timeout; it stays at its initial value")
+        return
+    try:
+        setter(timedelta(seconds=seconds))
+    except (RuntimeError, ValueError) as exc:  # a backend that cannot (MPI, UCC) only warns; say why if one raises
+        log.debug("could not set the collective timeout to %g s: %s", seconds, exc)
 
 
 def make_strategy(cfg: TrainConfig) -> Strategy:

@@ -84,46 +84,34 @@ def sleepy_cnn(channels: int, num_classes: int) -> nn.Module:
     return SleepyCNN(channels, num_classes)
 
 
-class SlowStartCNN(CNN):
-    """A healthy cnn whose first training step takes SLOW_FIRST seconds (compilation, autotuning...)."""
-
-    def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__(channels, num_classes)
-        self.calls = 0
-        self.first = float(os.environ.get("SLOW_FIRST", "6"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += self.training
-        if self.training and self.calls == 1:
-            time.sleep(self.first)
-        return super().forward(x)
-
-
-class HeavyState(nn.Module):
-    """A small classifier with a large state: a 64 MiB buffer (no gradient, no optimizer state) and a
-    state_dict that takes SLOW_SAVE seconds more to build, so that each checkpoint is slow."""
+class SlowStartHeavy(nn.Module):
+    """A healthy classifier that is slow where runs are allowed to be: its first training step takes
+    SLOW_FIRST seconds (as compilation or autotuning would), and its state is large (a 64 MiB buffer, no
+    gradient, no optimizer state) and takes SLOW_SAVE seconds more to gather, so that each checkpoint is
+    slow too."""
 
     def __init__(self, channels: int, image_size: int, num_classes: int) -> None:
         super().__init__()
         self.fc = nn.Linear(channels * image_size * image_size, num_classes)
         self.register_buffer("table", torch.rand(16 * 1024 * 1024))
-        self.delay = float(os.environ.get("SLOW_SAVE", "6"))
-        self.register_state_dict_post_hook(self._slow)
-
-    def _slow(self, module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
-        if not prefix:  # once per state_dict, not per submodule
-            time.sleep(self.delay)
+        self.first, self.save = float(os.environ.get("SLOW_FIRST", "6")), float(os.environ.get("SLOW_SAVE", "6"))
+        self.calls = 0
+        self.register_state_dict_post_hook(_slow_save)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training  # the graph trace (eval mode) does not count
+        if self.training and self.calls == 1:
+            time.sleep(self.first)
         return self.fc(x.flatten(1)) + 0.0 * self.table[0]
 
 
-def slow_start_cnn(channels: int, num_classes: int) -> nn.Module:
-    return SlowStartCNN(channels, num_classes)
+def _slow_save(module: SlowStartHeavy, state: dict, prefix: str, local_metadata: dict) -> None:
+    if not prefix:  # once per state_dict, not per submodule
+        time.sleep(module.save)
 
 
-def heavy_state(channels: int, image_size: int, num_classes: int) -> nn.Module:
-    return HeavyState(channels, image_size, num_classes)
+def slow_start_heavy(channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return SlowStartHeavy(channels, image_size, num_classes)
 
 
 class HalfUnreadablePairs(Dataset):
