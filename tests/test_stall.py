@@ -28,7 +28,7 @@ from runner.config import resolve
 from runner.diagnosis import stall_report
 from runner.diagnosis.stall_feed import StallFeed
 from runner.errors import RunnerError
-from runner.procs import heartbeat, registry, stacks, stall_watch
+from runner.procs import heartbeat, registry, stacks, stall_explain, stall_watch
 from runner.telemetry.events import Event, Finding, Scalar, Sink
 from runner.telemetry.hub import Hub
 from tests.support.proc_runs import child_env, start_run, tagged, wait_exit, wait_for
@@ -88,14 +88,6 @@ def test_a_collective_inside_a_long_phase_keeps_the_long_phase(tmp_path: Path, m
         assert heartbeat.read(tmp_path / "rank0").phase == "collective"
     with heartbeat.phase("checkpoint"), heartbeat.collective():
         assert heartbeat.read(tmp_path / "rank0").phase == "checkpoint"
-
-
-def test_publishing_a_phase_costs_about_a_microsecond(tmp_path: Path) -> None:
-    beat = heartbeat.Heartbeat(tmp_path / "rank0", rank=0, world=1)
-    start = time.perf_counter()
-    for _ in range(20_000):
-        beat.enter("forward")
-    assert (time.perf_counter() - start) / 20_000 < 20e-6  # ~0.4 µs here; generous for a loaded machine
 
 
 # --- files current by time ---------------------------------------------------------------------------
@@ -294,15 +286,15 @@ def test_long_phases_get_a_longer_allowance_and_auto_follows_the_median_step(tmp
 
 
 def test_a_hang_names_the_rank_that_stopped_first_and_what_the_others_wait_in() -> None:
-    blocked = stall_watch.RankState(1, 11, "data", 117, 74.2, "/home/me/mydata.py", 42, "__getitem__")
-    waiting = [stall_watch.RankState(r, 10 + r, "backward", 117, 73.9, "/x/runner/train/step.py", 97, "compute")
+    blocked = stall_explain.RankState(1, 11, "data", 117, 74.2, "/home/me/mydata.py", 42, "__getitem__")
+    waiting = [stall_explain.RankState(r, 10 + r, "backward", 117, 73.9, "/x/runner/train/step.py", 97, "compute")
                for r in (0, 2, 3)]
-    text = stall_watch.stall_message([blocked, *waiting], world=4)
+    text = stall_explain.stall_message([blocked, *waiting], world=4)
     assert text.startswith("no rank has made progress for 74 s: rank 1 has been in data loading of step 118 for 74 s, "
                            "at /home/me/mydata.py:42 in `__getitem__`; ranks 0, 2, 3 wait in backward of step 118 "
                            "(DDP's gradient all-reduce)")
     waiting[0].waits_in = "DistributedDataParallel._distributed_broadcast_coalesced"
-    assert "(`DistributedDataParallel._distributed_broadcast_coalesced`)" in stall_watch.stall_message(
+    assert "(`DistributedDataParallel._distributed_broadcast_coalesced`)" in stall_explain.stall_message(
         [blocked, waiting[0]], world=2)
 
 
@@ -318,11 +310,11 @@ def test_the_rank_named_first_is_the_one_not_waiting_for_its_peers_whoever_enter
                     stacks.Frame("StepRunner.compute", "/x/runner/train/step.py", 88)])]),
                 stacks.Stacks(101, "rank", 1, method="py-spy", threads=[stacks.Thread("MainThread", "101", True, [
                     stacks.Frame("Shards.__getitem__", "/home/me/mydata.py", 20)])])]
-    states = stall_watch.explain_ranks(beats, captured, now)
+    states = stall_explain.explain_ranks(beats, captured, now)
     assert [s.rank for s in states] == [1, 0]
     assert states[0].frame_text() == "at /home/me/mydata.py:20 in `Shards.__getitem__`"
     assert states[1].waits_in == "DistributedDataParallel._distributed_broadcast_coalesced"
-    text = stall_watch.stall_message(states, world=2)
+    text = stall_explain.stall_message(states, world=2)
     assert "rank 1 has been in data loading of step 5" in text and "rank 0 waits in forward of step 5 (`" in text
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.procs import heartbeat, registry, stall_watch
+from runner.procs import heartbeat, registry, stall_explain, stall_watch
 
 
 def stall_findings(folder: Path) -> list[dict[str, Any]]:
@@ -64,7 +64,7 @@ def ranks_line(ranks: list[dict[str, Any]]) -> str:
     """`now: rank 0 in data loading of step 41 for 74 s; rank 1 ...`."""
     parts = []
     for rank in ranks:
-        state = stall_watch.RankState(rank["rank"], rank["pid"], rank["phase"], rank["step"], rank["seconds"])
+        state = stall_explain.RankState(rank["rank"], rank["pid"], rank["phase"], rank["step"], rank["seconds"])
         who = f"rank {rank['rank']} " if len(ranks) > 1 else ""
         parts.append(f"{who}in {state.doing()} for {rank['seconds']:.0f} s")
     return "now: " + "; ".join(parts)

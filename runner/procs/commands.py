@@ -77,12 +77,12 @@ def stacks(
 
 def _stacks(run: str, run_dir: str, as_json: bool) -> int:
     from runner.procs import stacks as stacks_module
-    from runner.procs import stall_watch
+    from runner.procs import stall_explain, stall_watch
 
     found = stall_watch.find_live_run(run, run_dir)
     beats = {b.rank: b for b in stall_watch.live_beats(found.id)}
     captured = stacks_module.capture(stacks_module.targets_of(found), stacks_module.folder_for(found.id))
-    states = {s.rank: s for s in stall_watch.explain_ranks(list(beats.values()), captured, time.time())}
+    states = {s.rank: s for s in stall_explain.explain_ranks(list(beats.values()), captured, time.time())}
     if as_json:
         print(json.dumps({"run": found.id, "name": found.name, "processes": [s.to_dict() for s in captured],
                           "ranks": [asdict(s) for s in states.values()]}, indent=2, default=str))

@@ -34,38 +34,30 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
 from runner.procs import heartbeat, proc_table, registry, stacks
 from runner.procs.heartbeat import Beat
 from runner.procs.stacks import Stacks
+from runner.procs.stall_capture import nvml_state, trigger_flight_recorder
+from runner.procs.stall_explain import RankState, explain_ranks, stall_advice, stall_message
 
 AUTO_FLOOR = 60.0  # seconds: the auto timeout is at least this...
 AUTO_STEPS = 10.0  # ...and at least this many median steps
 LONG_FACTOR = 10.0  # long phases get this many timeouts
 RATE_SAMPLES = 64  # step-time samples the median is taken over
 FEED_WAIT = 5.0  # --on-stall stop: seconds the trainer's feed gets to deliver (and flush) the finding first
-NCCL_WAIT = 10.0  # seconds for the flight recorder's dumps after the pipes were written
 NCCL_BUFFER = "2000"  # flight recorder entries per rank (the PyTorch tutorial's advice)
 FINDINGS = "findings.jsonl"
 STOPPED = "stopped.json"
 FED = ".fed"  # the trainer's feed counts the findings it delivered here
-
-DOING = {"start-up": "start-up", "data": "data loading", "h2d": "the host-to-device copy", "forward": "forward",
-         "backward": "backward", "optimizer": "the optimizer step", "collective": "a collective",
-         "checkpoint": "checkpointing", "evaluation": "evaluation", "telemetry": "telemetry",
-         "other": "the loop between steps"}
-IN_STEP = ("data", "h2d", "forward", "backward", "optimizer")  # phases of step N+1 (the others come after step N)
-_COLLECTIVE, _DDP = "/torch/distributed/", "torch/nn/parallel/distributed.py"  # a frame there waits for peers
-
 
 def stall_dir(run_path: Path) -> Path:
     return Path(run_path) / "stall"
@@ -86,35 +78,6 @@ def nccl_environment(run_id: str, run_path: Path) -> dict[str, str]:
               "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_FR_DUMP_TEMP_FILE": prefix,
               "TORCH_NCCL_DEBUG_INFO_PIPE_FILE": str(heartbeat.folder_for(run_id) / "nccl_pipe_")}
     return {key: value for key, value in wanted.items() if key not in os.environ}
-
-
-@dataclass
-class RankState:
-    """What a finding says about one rank."""
-
-    rank: int
-    pid: int
-    phase: str
-    step: int  # optimizer steps done
-    seconds: float  # in this phase so far
-    file: str = ""
-    line: int = 0
-    function: str = ""
-    where: str = ""  # "DataLoader worker 0 (pid 123)" when the frame is a worker's
-    waits_in: str = ""  # the torch.distributed function the main thread waits in, if any (a collective)
-
-    def frame_text(self) -> str:
-        if not self.file:
-            return ""
-        frame = stacks.Frame(self.function, self.file, self.line)
-        return f"at {frame.short()} in `{self.function}`" + (f" ({self.where})" if self.where else "")
-
-    def doing(self) -> str:
-        """`data loading of step 41`, `a collective after step 40`."""
-        what = DOING.get(self.phase, self.phase)
-        if self.phase in IN_STEP:
-            return f"{what} of step {self.step + 1}"
-        return f"{what} after step {self.step}" if self.step else what
 
 
 class StallWatch:
@@ -300,166 +263,6 @@ def find_live_run(run: str, run_dir: str) -> registry.RunRecord:
         names = ", ".join(sorted({r.name for r in live})) or "none"
         raise usage_error(f"no live run {run!r} (live runs: {names}); `runner runs` lists every run")
     return matches[-1]
-
-
-# --- what a finding says ------------------------------------------------------------------------------
-
-def explain_ranks(beats: list[Beat], captured: list[Stacks], now: float) -> list[RankState]:
-    """Every rank's state with its key frame, the rank that stopped first first: the others usually wait
-    for it. Ranks waiting for peers come last (in a collective, or with their main thread inside
-    torch.distributed or DDP's collectives, or, under DDP, in backward: its gradient all-reduce); then
-    fewer steps first, then the longest in its phase. Which rank entered its phase first alone does not
-    tell: the ranks leave a collective a fraction of a millisecond apart."""
-    states = []
-    for beat in beats:
-        state = RankState(beat.rank, beat.pid, beat.phase, beat.step, now - beat.since)
-        own = next((s for s in captured if s.pid == beat.pid), None)
-        frame = stacks.key_frame(own.main.frames) if own is not None and own.main is not None else None
-        if beat.phase == "data" and (frame is None or stacks.origin(frame.file) != "user"):
-            for worker in (s for s in captured if s.role == "worker" and s.rank == beat.rank and s.main):
-                found = stacks.key_frame(worker.main.frames) if worker.main else None
-                if found is not None and stacks.origin(found.file) == "user":
-                    frame, state.where = found, f"DataLoader worker {worker.worker_id}, pid {worker.pid}"
-                    break
-        if frame is not None:
-            state.file, state.line, state.function = frame.file, frame.line, frame.function
-        if own is not None and own.main is not None:
-            state.waits_in = _waits_in(own.main.frames)
-        states.append(state)
-    world = max((b.world for b in beats), default=1)
-    return sorted(states, key=lambda s: (_waiting(s, world), s.step, -s.seconds, s.rank))
-
-
-def _waits_in(frames: list[stacks.Frame]) -> str:
-    """The torch.distributed (or DDP) function the thread waits in: one reached from the innermost frame
-    before any frame of the user's or runner's code (DDP's forward wrapper around a sleeping model is not)."""
-    for frame in frames:
-        if _COLLECTIVE in frame.file or frame.file.endswith(_DDP):
-            return frame.function
-        if stacks.origin(frame.file) != "library":
-            return ""
-    return ""
-
-
-def _waiting(state: RankState, world: int) -> int:
-    """2: waits for peers (a collective); 1: under DDP, in backward (probably its gradient all-reduce); 0: not."""
-    if state.phase == "collective" or state.waits_in:
-        return 2
-    return 1 if world > 1 and state.phase == "backward" else 0
-
-
-def _ranks_text(ranks: list[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
-
-
-def stall_message(states: list[RankState], world: int) -> str:
-    """One sentence: who stopped, where, for how long, and what the others do."""
-    culprit = states[0]
-    where = f", {culprit.frame_text()}" if culprit.file else ""
-    if world == 1:
-        return f"no progress for {culprit.seconds:.0f} s: the run is in {culprit.doing()}{where}"
-    stopped = [s.rank for s in states if (s.phase, s.step) == (culprit.phase, culprit.step)]
-    text = (f"no rank has made progress for {min(s.seconds for s in states):.0f} s: {_ranks_text(stopped)} "
-            f"{'has' if len(stopped) == 1 else 'have'} been in {culprit.doing()} for {culprit.seconds:.0f} s{where}")
-    others: dict[tuple[str, int], list[RankState]] = {}
-    for state in states:
-        if state.rank not in stopped:
-            others.setdefault((state.phase, state.step), []).append(state)
-    for group in others.values():
-        first = group[0]
-        verb = "waits" if len(group) == 1 else "wait"
-        extra = f" (`{first.waits_in}`)" if first.waits_in else ""
-        if not extra and first.phase == "backward":
-            extra = " (DDP's gradient all-reduce)"
-        frame = f", {first.frame_text()}" if first.file else ""
-        text += f"; {_ranks_text([s.rank for s in group])} {verb} in {first.doing()}{extra}{frame}"
-    return text
-
-
-def stall_advice(culprit: RankState, folder: Path) -> str:
-    if culprit.phase == "data":
-        what = ("look at the dataset at that line: a read that never returns (a network filesystem, a lock), "
-                "or a DataLoader worker that deadlocked")
-    elif culprit.phase in ("forward", "backward", "optimizer", "h2d"):
-        what = "look at that line of the model's code, or at a device that stopped answering (nvml.json)"
-    elif culprit.phase == "collective":
-        what = "the ranks disagree on the collectives: one took another branch and skipped or added one"
-    else:
-        what = f"look at what {DOING.get(culprit.phase, culprit.phase)} does at that line"
-    return (f"{what}; every process's stacks are in {folder / 'stacks.txt'}; while it is alive, "
-            f"`runner stacks` or `py-spy dump --pid {culprit.pid}` shows it again; --on-stall stop ends such runs")
-
-
-# --- the other captures -------------------------------------------------------------------------------
-
-def trigger_flight_recorder(folder: Path, ranks: list[int], dumps: Path, dest: Path) -> list[str]:
-    """Write to each rank's flight-recorder pipe (NCCL only: it exists once a NCCL process group does),
-    wait for the dumps, move them into `dest`. Returns the files moved."""
-    triggered = []
-    for rank in ranks:
-        pipe = folder / f"nccl_pipe_{rank}.pipe"
-        try:
-            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            continue  # no pipe (gloo, or the recorder is off), or no reader
-        try:
-            os.write(fd, b"1")
-            triggered.append(rank)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    moved: list[str] = []
-    deadline = time.monotonic() + (NCCL_WAIT if triggered else 0)
-    pending = {rank: dumps / f"nccl_trace_rank_{rank}" for rank in triggered}
-    while pending and time.monotonic() < deadline:
-        time.sleep(0.2)
-        for rank, path in list(pending.items()):
-            if path.is_file() and time.time() - path.stat().st_mtime > 0.5:  # written and settled
-                target = dest / path.name
-                shutil.move(str(path), target)
-                moved.append(str(target))
-                del pending[rank]
-    return moved
-
-
-def nvml_state(nvml: Any = None) -> dict[str, Any]:
-    """Each GPU's utilisation, memory, temperature, power and processes; `available: False` without NVML."""
-    if nvml is None:
-        try:
-            import pynvml
-        except ImportError:
-            return {"available": False, "error": "pynvml is not installed"}
-        nvml = pynvml
-    try:
-        nvml.nvmlInit()
-    except Exception as exc:
-        return {"available": False, "error": f"{type(exc).__name__}: {exc}"}
-    devices = []
-    try:
-        for index in range(nvml.nvmlDeviceGetCount()):
-            device: dict[str, Any] = {"index": index}
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            for key, read in (("name", lambda h: nvml.nvmlDeviceGetName(h)),
-                              ("utilization_percent", lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu),
-                              ("memory_used_bytes", lambda h: nvml.nvmlDeviceGetMemoryInfo(h).used),
-                              ("memory_total_bytes", lambda h: nvml.nvmlDeviceGetMemoryInfo(h).total),
-                              ("temperature_c", lambda h: nvml.nvmlDeviceGetTemperature(h, 0)),
-                              ("power_w", lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
-                              ("processes", lambda h: [{"pid": p.pid, "used_bytes": p.usedGpuMemory}
-                                                       for p in nvml.nvmlDeviceGetComputeRunningProcesses(h)])):
-                try:
-                    value = read(handle)
-                    device[key] = value.decode() if isinstance(value, bytes) else value
-                except Exception as exc:
-                    device[key] = f"unavailable ({type(exc).__name__})"
-            devices.append(device)
-    except Exception as exc:
-        return {"available": True, "error": f"{type(exc).__name__}: {exc}", "devices": devices}
-    finally:
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
-    return {"available": True, "devices": devices}
 
 
 def _write(path: Path, text: str) -> None:

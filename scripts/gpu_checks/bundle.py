@@ -3,7 +3,8 @@
 The GPU machine (Python 3.12, its own torch/torchvision/tensorboard/typer/rich/psutil/nvidia-ml-py/
 requests/scipy/networkx/pillow) reaches no package registry. It lacks visdom (an sdist: built into a
 wheel here), tornado<6.6, visdom's other pure dependencies, and the packages this project added
-(tomli-w, google-crc32c: a C wheel for CPython 3.12). Visdom's JS/CSS/fonts, installed here from npm
+(tomli-w, google-crc32c: a C wheel for CPython 3.12; py-spy, whose binary lands in site/bin, put on PATH
+for the stall check's stacks). Visdom's JS/CSS/fonts, installed here from npm
 into site-packages/visdom/static, travel as one xz tarball (MathJax makes them 56 MB unpacked).
 Versions are those of this venv, so the GPU run uses what the tests here used.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 BUNDLE = ".gpu-bundle"
 LIMIT = 60 << 20  # the bundle's budget; the whole working tree that travels may be 64 MiB
 BUILT = ("visdom",)  # sdists: built into wheels here
-DOWNLOADED = ("tornado", "jsonpatch", "jsonpointer", "websocket-client", "tomli-w", "google-crc32c")
+DOWNLOADED = ("tornado", "jsonpatch", "jsonpointer", "websocket-client", "tomli-w", "google-crc32c", "py-spy")
 PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 ASSETS = "visdom_static.tar.xz"
@@ -30,7 +31,7 @@ ASSETS = "visdom_static.tar.xz"
 SHELL_LINE = (
     'T=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --target "$T/site" '
     f"{BUNDLE}/wheels/*.whl && python3 -m tarfile -e {BUNDLE}/{ASSETS} \"$T/site/visdom\" && "
-    'PYTHONPATH="$T/site:$PWD" PYTHONUNBUFFERED=1 python3 scripts/gpu_acceptance.py --out "$OUT" ${ACCEPT:-}')
+    'PATH="$T/site/bin:$PATH" PYTHONPATH="$T/site:$PWD" PYTHONUNBUFFERED=1 python3 scripts/gpu_acceptance.py --out "$OUT" ${ACCEPT:-}')
 
 
 def pins(names: tuple[str, ...]) -> list[str]:
