@@ -31,7 +31,8 @@ ASSETS = "visdom_static.tar.xz"
 SHELL_LINE = (
     'T=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --target "$T/site" '
     f"{BUNDLE}/wheels/*.whl && python3 -m tarfile -e {BUNDLE}/{ASSETS} \"$T/site/visdom\" && "
-    'PATH="$T/site/bin:$PATH" PYTHONPATH="$T/site:$PWD" PYTHONUNBUFFERED=1 python3 scripts/gpu_acceptance.py --out "$OUT" ${ACCEPT:-}')
+    'PATH="$T/site/bin:$PATH" PYTHONPATH="$T/site:$PWD" PYTHONUNBUFFERED=1 '
+    'python3 scripts/gpu_acceptance.py --out "$OUT" ${ACCEPT:-}')
 
 
 def pins(names: tuple[str, ...]) -> list[str]:
