@@ -45,8 +45,10 @@ demo: setup
 	@echo "Visdom:       http://127.0.0.1:8097   (env: tinyunet-synthetic_$(DEMO_NAME))"
 	@echo "Stop both:    $(BIN)/runner dashboards down"
 
+# Four workers on two cores: most tests wait on processes, servers and timeouts; a file stays on one worker
+# (its module-scoped runs are shared), and each worker's processes use one math thread (tests/conftest.py).
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 4 --dist loadfile
 
 # Style and bugs (ruff), the layering and the torch-free commands (import-linter, contracts in pyproject.toml),
 # types of the torch-free packages (mypy, [tool.mypy] in pyproject.toml).

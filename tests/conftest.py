@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in several workers on a small machine: one math thread per process (and in
+    # every process a test starts) instead of each oversubscribing every core. Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from tests.support.runs import Outcome, child_pythonpath, in_process_cli
 
 
