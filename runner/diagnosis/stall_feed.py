@@ -18,12 +18,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from runner.procs.stall_watch import FED, FINDINGS, stall_dir
 from runner.telemetry import tags
 from runner.telemetry.events import Event, Finding
 
 POLL = 0.5  # seconds between looks at findings.jsonl
 FLUSH_WAIT = 2.0  # seconds the hub's flush may take after a finding (a hung dashboard is not waited for longer)
-FINDINGS, FED = "findings.jsonl", ".fed"  # as runner/procs/stall_watch.py writes them
 
 log = logging.getLogger("runner.telemetry")
 
@@ -41,7 +41,7 @@ class StallFeed:
 
     def __init__(self, run_path: Path, emit: Callable[[Event], None], poll: float = POLL,
                  flush: Callable[[float], object] | None = None) -> None:
-        self.folder = Path(run_path) / "stall"
+        self.folder = stall_dir(Path(run_path))
         self.emit, self.poll, self.flush = emit, poll, flush
         self.offset = self._size()  # findings of an earlier attempt of this run are already in findings.json
         self.delivered = 0
